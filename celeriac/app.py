@@ -1,0 +1,685 @@
+"""The app: configuration, task registry, routing and sending.
+
+``Celery("proj")`` connects to nothing and reads no configuration until first used.
+Broker and backend connections are made lazily, once per process (a forked worker child
+makes its own).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from celeriac.config import Settings, read_envvar, read_object
+from celeriac.exceptions import ImproperlyConfigured
+from celeriac.protocol import serializers
+from celeriac.protocol.message import build_task_message
+from celeriac.registry import TaskRegistry
+from celeriac.task import Context, Task, current_request, make_task_class
+
+if TYPE_CHECKING:
+    from celeriac.backends.base import ResultBackend
+    from celeriac.brokers.base import Broker
+    from celeriac.canvas import Signature, chain, chord, group
+    from celeriac.control import Control
+    from celeriac.result import AsyncResult, GroupResult
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_SQLITE_URL = "sqlite:///celeriac.db"
+REVOKE_CHANNEL = "celeriac.revoked"
+
+_current: list[Celery] = []
+_shared_tasks: list[Callable[[Celery], Any]] = []
+_all_apps: list[Celery] = []
+
+
+def current_app() -> Celery:
+    """The app made or set last in this process (a default app if there is none)."""
+    if not _current:
+        Celery("default")
+    return _current[-1]
+
+
+class Celery:
+    """A celeriac application (Celery's name, so switching is an import change)."""
+
+    def __init__(
+        self,
+        main: str | None = None,
+        broker: str | Sequence[str] | None = None,
+        backend: str | None = None,
+        include: Sequence[str] | None = None,
+        config_source: Any = None,
+        set_as_current: bool = True,
+        namespace: str | None = None,
+        autofinalize: bool = True,
+        task_cls: type[Task[Any, Any]] | str | None = None,
+        **preconf: Any,
+    ) -> None:
+        self.main = main
+        self.namespace = namespace
+        self._preconf: dict[str, Any] = {}
+        if broker is not None:
+            self._preconf["broker_url"] = broker
+        if backend is not None:
+            self._preconf["result_backend"] = backend
+        if include:
+            self._preconf["include"] = tuple(include)
+        self._preconf.update(preconf)
+        self._sources: list[tuple[Any, str | None]] = []
+        if config_source is not None:
+            self._sources.append((config_source, namespace))
+        self._conf: Settings | None = None
+        self._conf_lock = threading.RLock()
+        self._direct: dict[str, Any] = {}
+        self.tasks = TaskRegistry(self)
+        self.task_cls: type[Task[Any, Any]] = self._resolve_task_cls(task_cls)
+        self._pending: list[Callable[[], Any]] = []
+        self._finalized = False
+        self._connections: dict[str, Any] = {}
+        self._pid = os.getpid()
+        self._exception_registry: dict[str, type[BaseException]] = {}
+        self._routes: Any = None
+        self.log = logging.getLogger("celeriac")
+        self.autofinalize = autofinalize
+        self._autodiscover: list[tuple[Sequence[str], str]] = []
+        _all_apps.append(self)
+        if set_as_current:
+            self.set_current()
+        for maker in _shared_tasks:
+            self._pending.append(lambda maker=maker: maker(self))
+
+    def __repr__(self) -> str:
+        return f"<Celery {self.main or '__main__'} at {id(self):#x}>"
+
+    def __enter__(self) -> Celery:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def set_current(self) -> None:
+        if self in _current:
+            _current.remove(self)
+        _current.append(self)
+
+    @staticmethod
+    def _resolve_task_cls(cls: type[Task[Any, Any]] | str | None) -> type[Task[Any, Any]]:
+        if cls is None:
+            return Task
+        if isinstance(cls, str):
+            module, _, attr = cls.replace(":", ".").rpartition(".")
+            found: type[Task[Any, Any]] = getattr(import_module(module), attr)
+            return found
+        return cls
+
+    # -- configuration -------------------------------------------------------------------
+
+    @property
+    def conf(self) -> Settings:
+        """The settings, read from every source on first access."""
+        conf = self._conf
+        if conf is None:
+            with self._conf_lock:
+                if self._conf is None:
+                    self._conf = self._load_conf()
+                conf = self._conf
+        return conf
+
+    def _load_conf(self) -> Settings:
+        conf = Settings()
+        for source, namespace in self._sources:
+            for key, value in read_object(source, namespace).items():
+                conf[key] = value
+        for key, value in self._preconf.items():
+            conf[key] = value
+        for env_name, key in (("CELERIAC_BROKER_URL", "broker_url"),
+                              ("CELERIAC_RESULT_BACKEND", "result_backend")):
+            if os.environ.get(env_name) and key not in self._preconf:
+                conf[key] = os.environ[env_name]
+        for key, value in self._direct.items():
+            conf[key] = value
+        return conf
+
+    def config_from_object(
+        self, obj: Any, silent: bool = False, force: bool = False, namespace: str | None = None
+    ) -> None:
+        """Read settings from an object, a module or a dotted path (lazily)."""
+        try:
+            if isinstance(obj, str):
+                read_object(obj, namespace)  # fail now on an import error, not later
+        except ImproperlyConfigured:
+            if silent:
+                return
+            raise
+        with self._conf_lock:
+            self._sources.append((obj, namespace))
+            if self._conf is not None:
+                for key, value in read_object(obj, namespace).items():
+                    self._conf[key] = value
+
+    def config_from_envvar(self, variable_name: str, silent: bool = False,
+                           force: bool = False) -> None:
+        try:
+            module_name = read_envvar(variable_name)
+        except ImproperlyConfigured:
+            if silent:
+                return
+            raise
+        self.config_from_object(module_name, silent=silent)
+
+    def add_defaults(self, values: Any) -> None:
+        self.config_from_object(values)
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    @overload
+    def task(self, fun: F) -> Any: ...
+
+    @overload
+    def task(self, *, name: str | None = ..., bind: bool = ..., base: Any = ...,
+             **options: Any) -> Callable[[F], Any]: ...
+
+    def task(self, *args: Any, **options: Any) -> Any:
+        """Decorator that registers a function as a task (``@app.task`` or ``@app.task(...)``)."""
+        if len(args) == 1 and callable(args[0]) and not options:
+            return self._create_task(args[0], {})
+        if args:
+            raise TypeError("@app.task takes only keyword options")
+
+        def decorate(fun: F) -> Any:
+            return self._create_task(fun, options)
+
+        return decorate
+
+    def _create_task(self, fun: Callable[..., Any], options: dict[str, Any]) -> Task[Any, Any]:
+        options = dict(options)
+        base = options.pop("base", None) or self.task_cls
+        name = options.pop("name", None)
+        bind = bool(options.pop("bind", False))
+        options.pop("shared", None)
+        options.pop("lazy", None)
+        task = make_task_class(self, fun, base, name, bind, options)
+        existing = self.tasks.get(task.name)
+        if existing is not None and getattr(existing, "__wrapped__", None) is fun:
+            return existing
+        self.tasks.register(task)
+        return task
+
+    def register_task(self, task: Task[Any, Any] | type[Task[Any, Any]]) -> Task[Any, Any]:
+        """Register a class-based task (an instance or the class)."""
+        instance = task() if isinstance(task, type) else task
+        if not getattr(instance, "name", None):
+            cls = type(instance)
+            instance.name = f"{cls.__module__}.{cls.__name__}"
+        instance.app = self
+        self.tasks.register(instance)
+        return instance
+
+    def register_exception(self, cls: type[BaseException]) -> type[BaseException]:
+        """Let results rebuild this exception type (usable as a class decorator)."""
+        self._exception_registry[f"{cls.__module__}.{cls.__name__}"] = cls
+        return cls
+
+    def finalize(self, auto: bool = False) -> None:
+        """Bind shared tasks and import ``include``/``imports`` modules (idempotent)."""
+        if self._finalized:
+            return
+        self._finalized = True
+        while self._pending:
+            self._pending.pop(0)()
+        for module in tuple(self.conf.include) + tuple(self.conf.imports):
+            import_module(module)
+        for packages, related in self._autodiscover:
+            self._discover(packages, related)
+
+    def autodiscover_tasks(self, packages: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+                           related_name: str = "tasks", force: bool = False) -> None:
+        """Import ``<package>.tasks`` for each package (at finalize, or now with force)."""
+        pkgs = packages() if callable(packages) else (packages or [])
+        if force or self._finalized:
+            self._discover(pkgs, related_name)
+        else:
+            self._autodiscover.append((pkgs, related_name))
+
+    @staticmethod
+    def _discover(packages: Sequence[str], related_name: str) -> None:
+        for package in packages:
+            try:
+                import_module(f"{package}.{related_name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{package}.{related_name}":
+                    raise
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _per_process(self, key: str, factory: Callable[[], Any]) -> Any:
+        pid = os.getpid()
+        if pid != self._pid:
+            # A forked child must not use its parent's sockets or SQLite handles.
+            self._connections = {}
+            self._pid = pid
+        found = self._connections.get(key)
+        if found is None:
+            with self._conf_lock:
+                found = self._connections.get(key)
+                if found is None:
+                    found = self._connections[key] = factory()
+        return found
+
+    @property
+    def broker_url(self) -> str:
+        return self.conf.broker_url or DEFAULT_SQLITE_URL
+
+    @property
+    def broker(self) -> Broker:
+        from celeriac import brokers
+
+        return self._per_process(  # type: ignore[no-any-return]
+            "broker",
+            lambda: brokers.connect(self.broker_url, self.conf.broker_transport_options),
+        )
+
+    @property
+    def backend_url(self) -> str | None:
+        url = self.conf.result_backend
+        if url is None:
+            # The embedded default keeps results next to the messages.
+            broker = self.broker_url
+            if broker.startswith(("sqlite:", "memory:")):
+                return broker
+            return None
+        return str(url)
+
+    @property
+    def backend(self) -> ResultBackend:
+        from celeriac import backends
+
+        def make() -> ResultBackend:
+            url = self.backend_url
+            if url is None:
+                from celeriac.backends.disabled import DisabledBackend
+
+                return DisabledBackend()
+            expires = self.conf.result_expires
+            return backends.connect(
+                url,
+                serializer=self.conf.result_serializer,
+                expires=float(expires) if expires else None,
+                accept=self.conf.result_accept_content or self.conf.accept_content,
+                **self.conf.result_backend_transport_options,
+            )
+
+        return self._per_process("backend", make)  # type: ignore[no-any-return]
+
+    @property
+    def control(self) -> Control:
+        from celeriac.control import Control
+
+        return self._per_process("control", lambda: Control(self))  # type: ignore[no-any-return]
+
+    @property
+    def accept_content(self) -> frozenset[str]:
+        return self._per_process(  # type: ignore[no-any-return]
+            "accept", lambda: serializers.accepted_types(self.conf.accept_content)
+        )
+
+    def close(self) -> None:
+        for conn in self._connections.values():
+            close = getattr(conn, "close", None)
+            if close is not None:
+                close()
+        self._connections = {}
+
+    # -- routing -------------------------------------------------------------------------
+
+    def route(self, name: str, args: Any = (), kwargs: Any = None,
+              options: dict[str, Any] | None = None, task: Task[Any, Any] | None = None) -> str:
+        """The queue a task goes to: explicit option, task_routes, task.queue, default."""
+        options = options or {}
+        queue = options.get("queue")
+        if queue:
+            return str(queue.name if hasattr(queue, "name") else queue)
+        routes = self.conf.task_routes
+        if routes:
+            for router in routes if isinstance(routes, list | tuple) else [routes]:
+                found = _apply_router(router, name, args, kwargs, options, task)
+                if found:
+                    return found
+        if task is not None and task.queue:
+            return task.queue
+        return str(self.conf.task_default_queue)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        task_id: str | None = None,
+        expires: float | datetime | None = None,
+        **options: Any,
+    ) -> AsyncResult[Any]:
+        """Send a task by name; the name need not be registered in this process."""
+        options.setdefault("ignore_result", None)
+        return self._send(name, args, kwargs, countdown=countdown, eta=eta, task_id=task_id,
+                          expires=expires, **options)
+
+    def _send(
+        self,
+        name: str,
+        args: Sequence[Any] | None,
+        kwargs: dict[str, Any] | None,
+        *,
+        task: Task[Any, Any] | None = None,
+        task_id: str | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        link: Any = None,
+        link_error: Any = None,
+        queue: Any = None,
+        priority: int | None = None,
+        serializer: str | None = None,
+        headers: dict[str, Any] | None = None,
+        ignore_result: bool | None = False,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+        shadow: str | None = None,
+        retries: int = 0,
+        parent_id: str | None = None,
+        root_id: str | None = None,
+        group_id: str | None = None,
+        group_index: int | None = None,
+        chain: list[dict[str, Any]] | None = None,
+        chord: dict[str, Any] | None = None,
+        reply_to: str | None = None,
+        **extra: Any,
+    ) -> AsyncResult[Any]:
+        from celeriac.canvas import maybe_signature_list
+        from celeriac.result import AsyncResult
+
+        conf = self.conf
+        task_id = task_id or str(uuid.uuid4())
+        args = list(args) if args is not None else []
+        kwargs = dict(kwargs) if kwargs is not None else {}
+        now = None
+        if countdown is not None:
+            now = datetime.now(timezone.utc)
+            eta = now + timedelta(seconds=float(countdown))
+        elif eta is not None and eta.tzinfo is None:
+            eta = eta.replace(tzinfo=timezone.utc)
+        if expires is None and task is not None and task.expires is not None:
+            expires = task.expires
+        if expires is not None and not isinstance(expires, datetime):
+            now = now or datetime.now(timezone.utc)
+            expires = now + timedelta(seconds=float(expires))
+        elif isinstance(expires, datetime) and expires.tzinfo is None:
+            expires = expires.replace(tzinfo=timezone.utc)
+        if task is not None:
+            if priority is None:
+                priority = task.priority
+            if serializer is None:
+                serializer = task.serializer
+            if time_limit is None:
+                time_limit = task.time_limit
+            if soft_time_limit is None:
+                soft_time_limit = task.soft_time_limit
+            if ignore_result is False and task.ignore_result:
+                ignore_result = True
+        if priority is None:
+            priority = conf.task_default_priority
+        parent = current_request()
+        if parent is not None and not parent.called_directly and parent.id:
+            parent_id = parent_id or parent.id
+            root_id = root_id or parent.root_id or parent.id
+            if priority is None and conf.task_inherit_parent_priority:
+                priority = (parent.properties or {}).get("priority")
+        options = {"queue": queue} if queue else {}
+        queue_name = self.route(name, args, kwargs, {**options, **extra}, task)
+        message = build_task_message(
+            name, task_id, args, kwargs,
+            eta=eta, expires=expires, retries=retries,
+            time_limit=time_limit, soft_time_limit=soft_time_limit,
+            root_id=root_id, parent_id=parent_id, group_id=group_id, group_index=group_index,
+            shadow=shadow, ignore_result=ignore_result, reply_to=reply_to or self.oid,
+            priority=priority,
+            callbacks=maybe_signature_list(link, self),
+            errbacks=maybe_signature_list(link_error, self),
+            chain=chain, chord=chord, extra_headers=headers,
+            serializer=serializer or conf.task_serializer,
+            max_size=conf.task_max_message_size,
+        )
+        self.broker.publish(
+            queue_name, [message], not_before=eta.timestamp() if eta is not None else None
+        )
+        return AsyncResult(task_id, app=self, task_name=name)
+
+    @property
+    def oid(self) -> str:
+        """This client's id (the reply-to of its messages)."""
+        return self._per_process("oid", lambda: str(uuid.uuid4()))  # type: ignore[no-any-return]
+
+    def _send_retry(self, task: Task[Any, Any], request: Context, args: Any, kwargs: Any,
+                    eta: datetime, options: dict[str, Any]) -> None:
+        """Send the next attempt of a running task: same id, retries + 1."""
+        self._send(
+            task.name,
+            request.args if args is None else args,
+            request.kwargs if kwargs is None else kwargs,
+            task=task, task_id=request.id, eta=eta,
+            expires=options.get("expires", request.expires),
+            retries=request.retries + 1,
+            parent_id=request.id, root_id=request.root_id,
+            group_id=request.group, group_index=request.group_index,
+            link=request.callbacks, link_error=request.errbacks,
+            chain=request.chain, chord=request.chord,
+            queue=options.get("queue") or (request.delivery_info or {}).get("routing_key"),
+            priority=options.get("priority"),
+            headers={k: v for k, v in (request.headers or {}).items() if k.startswith("x-")},
+            reply_to=request.reply_to,
+            ignore_result=request.ignore_result,
+        )
+
+    def _store_state(self, task_id: str, state: str, meta: Any, request: Context | None) -> None:
+        from celeriac.trace import build_meta
+
+        ctx = request if request is not None and request.id == task_id else None
+        self.backend.store([build_meta(self, task_id, state, meta, ctx)])
+
+    # -- workflows (used by canvas and by the worker after a task returns) --------------------
+
+    def signature(self, *args: Any, **kwargs: Any) -> Signature:
+        from celeriac.canvas import signature
+
+        kwargs.setdefault("app", self)
+        return signature(*args, **kwargs)
+
+    def _apply_callback(self, callback: dict[str, Any], retval: Any,
+                        request: Context) -> list[Any] | None:
+        from celeriac.canvas import maybe_signature
+
+        sig = maybe_signature(callback, self)
+        if sig is None:
+            return None
+        result = sig.clone([retval]).apply_async()
+        return result.as_tuple() if hasattr(result, "as_tuple") else None
+
+    def _apply_errback(self, errback: dict[str, Any], request: Context, exc: BaseException,
+                       trace: str) -> None:
+        from celeriac.canvas import maybe_signature
+
+        sig = maybe_signature(errback, self)
+        if sig is not None:
+            # Celery's classic errback form: the failed task's id is the first argument.
+            sig.clone([request.id]).apply_async()
+
+    def _apply_chain_step(self, remaining: list[dict[str, Any]], retval: Any,
+                          request: Context) -> list[Any] | None:
+        from celeriac.canvas import maybe_signature
+
+        steps = list(remaining)
+        nxt = maybe_signature(steps.pop(), self)
+        if nxt is None:
+            return None
+        sig = nxt.clone([retval])
+        opts = dict(sig.options)
+        opts["chain"] = steps
+        result = self._send_signature(sig, opts)
+        return result.as_tuple() if hasattr(result, "as_tuple") else None
+
+    def _send_signature(self, sig: Signature, opts: dict[str, Any]) -> Any:
+        opts = dict(opts)
+        link = opts.pop("link", None)
+        link_error = opts.pop("link_error", None)
+        task = self.tasks.get(sig.task)
+        return self._send(sig.task, sig["args"], sig["kwargs"], task=task, link=link,
+                          link_error=link_error, **opts)
+
+    def _send_chain(self, ch: chain, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
+        from celeriac.result import AsyncResult
+
+        tasks = [t.clone() for t in ch.tasks]
+        if not tasks:
+            raise ValueError("cannot send an empty chain")
+        if args or kwargs:
+            tasks[0] = tasks[0].clone(args, kwargs)
+        results = [t.freeze() for t in tasks]
+        for index in range(1, len(results)):
+            results[index].parent = results[index - 1]
+        first = tasks[0]
+        rest = [t.to_wire() for t in reversed(tasks[1:])]
+        if self.conf.task_always_eager:
+            return ch.apply(args, kwargs)
+        opts = {**first.options, **options, "chain": rest or None}
+        self._send_signature(first, opts)
+        last: AsyncResult[Any] = results[-1]
+        return last
+
+    def _send_group(self, grp: group, args: Any, kwargs: Any,
+                    options: dict[str, Any]) -> GroupResult:
+        from celeriac.result import GroupResult
+
+        if self.conf.task_always_eager:
+            return grp.apply(args, kwargs, **options)
+        group_id = options.pop("group_id", None) or str(uuid.uuid4())
+        results = []
+        for index, sig in enumerate(grp.tasks):
+            sig = sig.clone(args, kwargs)
+            result = sig.freeze()
+            opts = {**sig.options, **options, "group_id": group_id, "group_index": index}
+            self._send_signature(sig, opts)
+            results.append(result)
+        return GroupResult(group_id, results, app=self)
+
+    def _send_chord(self, ch: chord, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
+        raise NotImplementedError("chord arrives with the canvas issue")
+
+    def _chord_part_done(self, request: Context, state: str, value: Any) -> None:
+        raise NotImplementedError("chord arrives with the canvas issue")
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult[Any]:  # noqa: N802
+        from celeriac.result import AsyncResult
+
+        return AsyncResult(task_id, app=self, **kwargs)
+
+    def GroupResult(self, group_id: str | None = None, results: Any = (),  # noqa: N802
+                    **kwargs: Any) -> GroupResult:
+        from celeriac.result import GroupResult
+
+        return GroupResult(group_id, results, app=self, **kwargs)
+
+    def Worker(self, **options: Any) -> Any:  # noqa: N802
+        from celeriac.worker.supervisor import Supervisor, WorkerOptions
+
+        return Supervisor(self, WorkerOptions.from_app(self, **options))
+
+    def worker_main(self, argv: Sequence[str] | None = None) -> None:
+        from celeriac.cli.main import main
+
+        main(["-A", "__celeriac_app__", *(argv or ["worker"])], obj=self)
+
+
+def _apply_router(router: Any, name: str, args: Any, kwargs: Any, options: dict[str, Any],
+                  task: Task[Any, Any] | None) -> str | None:
+    if isinstance(router, str):
+        module, _, attr = router.replace(":", ".").rpartition(".")
+        router = getattr(import_module(module), attr)
+    if callable(router):
+        found = router(name, args, kwargs, options, task=task)
+    elif isinstance(router, dict):
+        found = router.get(name)
+        if found is None:
+            for pattern, route in router.items():
+                if isinstance(pattern, re.Pattern):
+                    if pattern.match(name):
+                        found = route
+                        break
+                elif any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern):
+                    found = route
+                    break
+    else:
+        raise ImproperlyConfigured(f"task_routes: cannot use router {router!r}")
+    if found is None:
+        return None
+    if isinstance(found, str):
+        return found
+    if isinstance(found, dict):
+        queue = found.get("queue")
+        return str(queue) if queue else None
+    return None
+
+
+def shared_task(*args: Any, **options: Any) -> Any:
+    """A task registered with every app, present and future (for reusable apps)."""
+
+    def create(fun: Callable[..., Any]) -> Any:
+        def make(app: Celery) -> Any:
+            return app._create_task(fun, options)
+
+        _shared_tasks.append(make)
+        for app in _all_apps:
+            make(app)
+        return _SharedTaskProxy(fun, options)
+
+    if len(args) == 1 and callable(args[0]) and not options:
+        return create(args[0])
+    return create
+
+
+class _SharedTaskProxy:
+    """Resolves to the task of the current app on each use."""
+
+    def __init__(self, fun: Callable[..., Any], options: dict[str, Any]) -> None:
+        self._fun = fun
+        self._options = options
+        self.__wrapped__ = fun
+        self.__doc__ = fun.__doc__
+
+    def _task(self) -> Task[Any, Any]:
+        app = current_app()
+        name = self._options.get("name")
+        for task in app.tasks.values():
+            if getattr(task, "__wrapped__", None) is self._fun and (not name or task.name == name):
+                return task
+        return app._create_task(self._fun, self._options)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._task(), attr)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._task()(*args, **kwargs)

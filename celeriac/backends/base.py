@@ -1,0 +1,151 @@
+"""The result backend interface and what every backend shares.
+
+A backend stores one JSON document per task, in Celery's format::
+
+    {"status": "SUCCESS", "result": 4, "traceback": null, "children": [],
+     "date_done": "2026-11-24T20:27:21.417982+00:00", "task_id": "..."}
+
+Subclasses provide four primitives (put, fetch, remove, a way to wait for writes);
+encoding, expiry and waiting logic live here. Every backend passes ``tests/conformance``.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from celeriac import states
+from celeriac.exceptions import TimeoutError
+from celeriac.protocol import serializers
+
+TaskMeta = dict[str, Any]
+
+TASK_KEY_PREFIX = "celery-task-meta-"
+GROUP_KEY_PREFIX = "celery-taskset-meta-"
+
+
+class Waiter(ABC):
+    """Wakes when results are written; created before the first read to miss nothing."""
+
+    @abstractmethod
+    def wait(self, timeout: float) -> None: ...
+
+    def close(self) -> None:  # noqa: B027
+        pass
+
+
+class ResultBackend(ABC):
+    url: str
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        serializer: str = "json",
+        expires: float | None = 86400.0,
+        accept: Sequence[str] = ("json",),
+    ) -> None:
+        self.url = url
+        self.serializer = serializers.by_name(serializer, "result_serializer")
+        self.expires = expires
+        self.accept = serializers.accepted_types(accept)
+
+    # -- primitives --------------------------------------------------------------------
+
+    @abstractmethod
+    def _put(self, items: Sequence[tuple[str, str, bytes]], ttl: float | None) -> None:
+        """Write (key, status, document) rows in one round trip, then wake waiters."""
+
+    @abstractmethod
+    def _fetch(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Documents for ``keys`` (None where missing or expired), in order."""
+
+    @abstractmethod
+    def _remove(self, keys: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    def waiter(self) -> Waiter: ...
+
+    def cleanup(self) -> int:
+        """Delete expired documents (backends whose store does not expire them itself)."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027
+        pass
+
+    # -- encoding ----------------------------------------------------------------------
+
+    def encode(self, meta: TaskMeta) -> bytes:
+        return self.serializer.dumps(meta)
+
+    def decode(self, data: bytes) -> TaskMeta:
+        value = self.serializer.loads(data)
+        if not isinstance(value, dict):
+            raise ValueError("result document is not an object")
+        return value
+
+    # -- tasks -------------------------------------------------------------------------
+
+    def store(self, metas: Sequence[TaskMeta]) -> None:
+        """Store documents (each must have ``task_id`` and ``status``), in one round trip."""
+        if metas:
+            self._put(
+                [(TASK_KEY_PREFIX + m["task_id"], m["status"], self.encode(m)) for m in metas],
+                self.expires,
+            )
+
+    def get(self, task_id: str) -> TaskMeta | None:
+        data = self._fetch([TASK_KEY_PREFIX + task_id])[0]
+        return self.decode(data) if data is not None else None
+
+    def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskMeta]:
+        docs = self._fetch([TASK_KEY_PREFIX + t for t in task_ids])
+        return {t: self.decode(d) for t, d in zip(task_ids, docs, strict=True) if d is not None}
+
+    def forget(self, task_id: str) -> None:
+        self._remove([TASK_KEY_PREFIX + task_id])
+
+    def wait(
+        self, task_ids: Sequence[str], timeout: float | None = None, interval: float = 1.0
+    ) -> Iterator[TaskMeta]:
+        """Yield each task's document once it is in a ready state (any order).
+
+        Raises TimeoutError when ``timeout`` s pass first. ``interval`` bounds how long one
+        wait lasts before a re-read, a safety net for a missed wake-up.
+        """
+        pending = list(dict.fromkeys(task_ids))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiter = self.waiter()
+        try:
+            while True:
+                found = self.get_many(pending)
+                for task_id, meta in found.items():
+                    if meta.get("status") in states.READY_STATES:
+                        pending.remove(task_id)
+                        yield meta
+                if not pending:
+                    return
+                remaining = interval
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("The operation timed out.")
+                    remaining = min(interval, left)
+                waiter.wait(remaining)
+        finally:
+            waiter.close()
+
+    # -- groups ------------------------------------------------------------------------
+
+    def save_group(self, group_id: str, result: Any) -> None:
+        doc = self.encode({"result": result})
+        self._put([(GROUP_KEY_PREFIX + group_id, "GROUP", doc)], self.expires)
+
+    def restore_group(self, group_id: str) -> Any | None:
+        data = self._fetch([GROUP_KEY_PREFIX + group_id])[0]
+        return self.decode(data).get("result") if data is not None else None
+
+    def delete_group(self, group_id: str) -> None:
+        self._remove([GROUP_KEY_PREFIX + group_id])

@@ -1,0 +1,344 @@
+"""Handles on results: AsyncResult, EagerResult, ResultSet and GroupResult."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from celeriac import states
+from celeriac.exceptions import TaskRevokedError, TimeoutError
+from celeriac.protocol.errors import exception_from_dict
+from celeriac.protocol.message import parse_time
+
+if TYPE_CHECKING:
+    from celeriac.app import Celery
+    from celeriac.backends.base import TaskMeta
+
+R = TypeVar("R")
+
+
+def _assert_not_in_task(app: Celery) -> None:
+    from celeriac.task import current_request
+
+    request = current_request()
+    if request is not None and not request.is_eager and not request.called_directly:
+        raise RuntimeError(
+            "Never call result.get() within a task: it can deadlock the worker "
+            "(see Celery's 'Avoid launching synchronous subtasks'); pass "
+            "disable_sync_subtasks=False if you accept the risk"
+        )
+
+
+class AsyncResult(Generic[R]):
+    """The state and result of a task, read from the app's result backend."""
+
+    def __init__(
+        self,
+        id: str,
+        backend: Any = None,
+        task_name: str | None = None,
+        app: Celery | None = None,
+        parent: AsyncResult[Any] | None = None,
+    ) -> None:
+        from celeriac.app import current_app
+
+        self.app = app or current_app()
+        self.id = self.task_id = str(id)
+        self.task_name = task_name
+        self.parent = parent
+        self._cache: TaskMeta | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AsyncResult):
+            return other.id == self.id
+        if isinstance(other, str):
+            return other == self.id
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def backend(self) -> Any:
+        return self.app.backend
+
+    def _meta(self) -> TaskMeta:
+        if self._cache is not None:
+            return self._cache
+        meta = self.backend.get(self.id) or {"status": states.PENDING, "result": None}
+        if meta.get("status") in states.READY_STATES:
+            self._cache = meta
+        return meta
+
+    def _value(self, meta: TaskMeta) -> Any:
+        status = meta.get("status")
+        if status in states.EXCEPTION_STATES:
+            return exception_from_dict(meta.get("result"), self.app._exception_registry)
+        return meta.get("result")
+
+    @property
+    def state(self) -> str:
+        return str(self._meta().get("status", states.PENDING))
+
+    status = state
+
+    @property
+    def result(self) -> Any:
+        return self._value(self._meta())
+
+    info = result
+
+    @property
+    def traceback(self) -> str | None:
+        return self._meta().get("traceback")
+
+    @property
+    def date_done(self) -> datetime | None:
+        return parse_time(self._meta().get("date_done"))
+
+    @property
+    def children(self) -> list[AsyncResult[Any]]:
+        return [result_from_tuple(c, self.app) for c in self._meta().get("children") or []]
+
+    @property
+    def name(self) -> str | None:
+        return self._meta().get("name") or self.task_name
+
+    @property
+    def args(self) -> Any:
+        return self._meta().get("args")
+
+    @property
+    def kwargs(self) -> Any:
+        return self._meta().get("kwargs")
+
+    @property
+    def worker(self) -> str | None:
+        return self._meta().get("worker")
+
+    @property
+    def retries(self) -> int | None:
+        return self._meta().get("retries")
+
+    @property
+    def queue(self) -> str | None:
+        return self._meta().get("queue")
+
+    def ready(self) -> bool:
+        return self.state in states.READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == states.SUCCESS
+
+    def failed(self) -> bool:
+        return self.state == states.FAILURE
+
+    def get(
+        self,
+        timeout: float | None = None,
+        propagate: bool = True,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        follow_parents: bool = True,
+        callback: Callable[..., Any] | None = None,
+        on_message: Callable[..., Any] | None = None,
+        on_interval: Callable[[], Any] | None = None,
+        disable_sync_subtasks: bool = True,
+        **_: Any,
+    ) -> R:
+        """Wait for the task to finish; return its result or raise its exception."""
+        if disable_sync_subtasks:
+            _assert_not_in_task(self.app)
+        meta = self._cache
+        if meta is None:
+            # ``interval`` bounds one wait on the backend's push before a re-read.
+            for found in self.backend.wait([self.id], timeout, interval=max(interval, 1.0)):
+                meta = found
+            assert meta is not None
+            self._cache = meta
+        if on_message is not None:
+            on_message(meta)
+        value = self._value(meta)
+        if callback is not None:
+            callback(self.id, value)
+        if propagate and meta.get("status") in states.PROPAGATE_STATES:
+            if isinstance(value, BaseException):
+                raise value
+            raise TaskRevokedError(str(value))
+        return value  # type: ignore[no-any-return]
+
+    wait = get
+
+    def forget(self) -> None:
+        self._cache = None
+        self.backend.forget(self.id)
+
+    def revoke(
+        self, connection: Any = None, terminate: bool = False, signal: str | None = None,
+        wait: bool = False, timeout: float | None = None,
+    ) -> None:
+        self.app.control.revoke(self.id, terminate=terminate, signal=signal)
+
+    def as_tuple(self) -> list[Any]:
+        parent = self.parent
+        return [[self.id, parent.as_tuple() if parent else None], None]
+
+    def collect(self, intermediate: bool = False, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+        """Walk the result graph depth first, yielding (result, value) pairs."""
+        value = self.get(**kwargs)
+        yield self, value
+        for child in self.children:
+            yield from child.collect(intermediate=intermediate, **kwargs)
+
+
+class EagerResult(AsyncResult[R]):
+    """The result of a task run in this process by ``apply()``."""
+
+    def __init__(
+        self, id: str, ret_value: Any, state: str, traceback: str | None = None,
+        app: Celery | None = None, name: str | None = None,
+    ) -> None:
+        super().__init__(id, app=app, task_name=name)
+        self._state = state
+        self._return = ret_value
+        self._traceback = traceback
+
+    def _meta(self) -> TaskMeta:
+        return {"status": self._state, "result": self._return, "traceback": self._traceback}
+
+    def _value(self, meta: TaskMeta) -> Any:
+        return self._return
+
+    def get(self, timeout: float | None = None, propagate: bool = True, **_: Any) -> R:
+        if propagate and self._state in states.PROPAGATE_STATES:
+            if isinstance(self._return, BaseException):
+                raise self._return
+            raise TaskRevokedError(str(self._return))
+        return self._return  # type: ignore[no-any-return]
+
+    wait = get
+
+    def forget(self) -> None:
+        pass
+
+    def revoke(self, *args: Any, **kwargs: Any) -> None:
+        self._state = states.REVOKED
+
+
+class ResultSet:
+    """Several results waited on together."""
+
+    def __init__(self, results: Sequence[AsyncResult[Any]], app: Celery | None = None) -> None:
+        from celeriac.app import current_app
+
+        self.app = app or current_app()
+        self.results = list(results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[AsyncResult[Any]]:
+        return iter(self.results)
+
+    def __getitem__(self, index: int) -> AsyncResult[Any]:
+        return self.results[index]
+
+    def add(self, result: AsyncResult[Any]) -> None:
+        if result not in self.results:
+            self.results.append(result)
+
+    def completed_count(self) -> int:
+        return sum(1 for r in self.results if r.successful())
+
+    def ready(self) -> bool:
+        return all(r.ready() for r in self.results)
+
+    def successful(self) -> bool:
+        return all(r.successful() for r in self.results)
+
+    def failed(self) -> bool:
+        return any(r.failed() for r in self.results)
+
+    def waiting(self) -> bool:
+        return not self.ready()
+
+    def revoke(self, terminate: bool = False, signal: str | None = None, **_: Any) -> None:
+        self.app.control.revoke([r.id for r in self.results], terminate=terminate, signal=signal)
+
+    def forget(self) -> None:
+        for r in self.results:
+            r.forget()
+
+    def join(
+        self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
+        disable_sync_subtasks: bool = True, **_: Any,
+    ) -> list[Any]:
+        """Results in order; waits on all at once (one wait, not one per result)."""
+        if disable_sync_subtasks:
+            _assert_not_in_task(self.app)
+        pending = [r.id for r in self.results if r._cache is None and not isinstance(r, EagerResult)]
+        if pending:
+            metas = {m["task_id"]: m for m in self.app.backend.wait(pending, timeout, max(interval, 1.0))}
+            for r in self.results:
+                if r.id in metas:
+                    r._cache = metas[r.id]
+        return [r.get(propagate=propagate, disable_sync_subtasks=False) for r in self.results]
+
+    get = join
+
+    def join_native(self, *args: Any, **kwargs: Any) -> list[Any]:
+        return self.join(*args, **kwargs)
+
+
+class GroupResult(ResultSet):
+    """The results of a group, with the group's id."""
+
+    def __init__(
+        self, id: str | None = None, results: Sequence[AsyncResult[Any]] = (),
+        parent: AsyncResult[Any] | None = None, app: Celery | None = None,
+    ) -> None:
+        super().__init__(results, app=app)
+        self.id = id
+        self.parent = parent
+
+    def __repr__(self) -> str:
+        return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+    @property
+    def children(self) -> list[AsyncResult[Any]]:
+        return self.results
+
+    def as_tuple(self) -> list[Any]:
+        return [[self.id, self.parent.as_tuple() if self.parent else None],
+                [r.as_tuple() for r in self.results]]
+
+    def save(self) -> GroupResult:
+        self.app.backend.save_group(str(self.id), self.as_tuple())
+        return self
+
+    def delete(self) -> None:
+        self.app.backend.delete_group(str(self.id))
+
+    @classmethod
+    def restore(cls, id: str, backend: Any = None, app: Celery | None = None) -> GroupResult | None:
+        from celeriac.app import current_app
+
+        app = app or current_app()
+        data = app.backend.restore_group(id)
+        if data is None:
+            return None
+        restored = result_from_tuple(data, app)
+        return restored if isinstance(restored, GroupResult) else None
+
+
+def result_from_tuple(data: Any, app: Celery) -> Any:
+    """Rebuild a result from Celery's tuple form (``[[id, parent], children]``)."""
+    (task_id, parent), children = data
+    parent_result = result_from_tuple(parent, app) if parent else None
+    if children is not None:
+        return GroupResult(task_id, [result_from_tuple(c, app) for c in children], app=app)
+    return AsyncResult(task_id, app=app, parent=parent_result)

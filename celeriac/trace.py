@@ -1,0 +1,288 @@
+"""Running one task: call it, classify the outcome, build the result document.
+
+Shared by the worker and by eager ``apply()`` so both behave alike. Nothing here talks
+to the broker except through the app (retries, callbacks and chain steps are sends).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback as tb
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from celeriac import states
+from celeriac.exceptions import Ignore, Reject, Retry
+from celeriac.protocol.errors import exception_to_dict
+from celeriac.task import Context, Task, exponential_backoff, pop_request, push_request
+
+if TYPE_CHECKING:
+    from celeriac.app import Celery
+    from celeriac.backends.base import TaskMeta
+    from celeriac.result import EagerResult
+
+
+@dataclass(slots=True)
+class Outcome:
+    state: str
+    retval: Any = None
+    exc: BaseException | None = None
+    traceback: str | None = None
+    meta: TaskMeta | None = None  # the document to store; None stores nothing
+    ack: bool = True  # False: the message is given back (requeue) or dead-lettered
+    requeue: bool = False
+    reason: str | None = None  # why the message is dead-lettered (ack False, requeue False)
+    runtime: float = 0.0
+    eager_result: Any = None
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def build_meta(
+    app: Celery,
+    task_id: str,
+    state: str,
+    result: Any,
+    request: Context | None,
+    traceback: str | None = None,
+    children: list[Any] | None = None,
+    task: Task[Any, Any] | None = None,
+) -> TaskMeta:
+    """A result document exactly as Celery's backends write it."""
+    meta: TaskMeta = {
+        "status": state,
+        "result": result,
+        "traceback": traceback,
+        "children": children or [],
+        "date_done": now_iso() if state in states.READY_STATES else None,
+        "task_id": task_id,
+    }
+    if request is not None:
+        if request.group:
+            meta["group_id"] = request.group
+        if request.parent_id:
+            meta["parent_id"] = request.parent_id
+        if app.conf.result_extended:
+            meta.update(
+                name=request.task or (task.name if task else None),
+                args=list(request.args or ()),
+                kwargs=request.kwargs or {},
+                worker=request.hostname,
+                retries=request.retries,
+                queue=(request.delivery_info or {}).get("routing_key"),
+            )
+    return meta
+
+
+def format_traceback(exc: BaseException) -> str:
+    return "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _ignores_result(app: Celery, task: Task[Any, Any], request: Context) -> bool:
+    if request.ignore_result:
+        return True
+    if task.ignore_result is not None:
+        return task.ignore_result
+    return bool(app.conf.task_ignore_result)
+
+
+def _autoretry(
+    task: Task[Any, Any], request: Context, exc: BaseException
+) -> Retry | None:
+    """Retry for ``autoretry_for`` exceptions; returns the Retry raised, if any."""
+    if not task.autoretry_for or not isinstance(exc, tuple(task.autoretry_for)):
+        return None
+    if task.dont_autoretry_for and isinstance(exc, tuple(task.dont_autoretry_for)):
+        return None
+    options = dict(task.retry_kwargs or {})
+    if task.retry_backoff and "countdown" not in options:
+        factor = 1.0 if task.retry_backoff is True else float(task.retry_backoff)
+        options["countdown"] = exponential_backoff(
+            factor, request.retries, task.retry_backoff_max, task.retry_jitter
+        )
+    try:
+        task.retry(exc=exc, **options)
+    except Retry as retry:
+        return retry
+    return None
+
+
+def execute(
+    app: Celery, task: Task[Any, Any], request: Context, *, eager: bool = False
+) -> Outcome:
+    """Run ``task`` for ``request``; never raises for what the task does."""
+    args, kwargs = request.args, request.kwargs
+    task_id = str(request.id)
+    started = time.monotonic()
+    push_request(request)
+    outcome: Outcome
+    try:
+        task.before_start(task_id, args, kwargs)
+        retval = task.run(*args, **kwargs)
+    except Retry as retry:
+        outcome = _retried(app, task, request, retry)
+    except Ignore:
+        outcome = Outcome(states.IGNORED)
+    except Reject as reject:
+        outcome = Outcome(
+            states.REJECTED, ack=False, requeue=bool(reject.requeue),
+            reason=f"rejected by the task: {reject.reason!r}",
+        )
+    except Exception as exc:
+        retry = _autoretry(task, request, exc)
+        if retry is not None:
+            outcome = _retried(app, task, request, retry)
+        else:
+            outcome = _failed(app, task, request, exc)
+    else:
+        outcome = _succeeded(app, task, request, retval)
+    finally:
+        pop_request()
+    outcome.runtime = time.monotonic() - started
+    try:
+        task.after_return(
+            outcome.state, outcome.retval if outcome.exc is None else outcome.exc,
+            task_id, args, kwargs, None,
+        )
+    except Exception:
+        app.log.exception("after_return of %s[%s] raised", task.name, task_id)
+    return outcome
+
+
+def _succeeded(app: Celery, task: Task[Any, Any], request: Context, retval: Any) -> Outcome:
+    task_id = str(request.id)
+    children: list[Any] = []
+    # Callbacks and the next chain step are sent before the result is stored, as Celery
+    # does, so a client that saw SUCCESS can follow ``children`` at once.
+    if request.callbacks:
+        for callback in request.callbacks:
+            children.append(app._apply_callback(callback, retval, request))
+    if request.chain:
+        children.append(app._apply_chain_step(request.chain, retval, request))
+    if request.chord and request.group:
+        app._chord_part_done(request, states.SUCCESS, retval)
+    try:
+        task.on_success(retval, task_id, request.args, request.kwargs)
+    except Exception:
+        app.log.exception("on_success of %s[%s] raised", task.name, task_id)
+    meta = None
+    if not _ignores_result(app, task, request):
+        meta = build_meta(app, task_id, states.SUCCESS, retval, request, None,
+                          [c for c in children if c is not None], task)
+    return Outcome(states.SUCCESS, retval, meta=meta)
+
+
+def _failed(app: Celery, task: Task[Any, Any], request: Context, exc: BaseException) -> Outcome:
+    task_id = str(request.id)
+    trace = format_traceback(exc)
+    if request.errbacks:
+        for errback in request.errbacks:
+            app._apply_errback(errback, request, exc, trace)
+    if request.chord and request.group:
+        app._chord_part_done(request, states.FAILURE, exc)
+    try:
+        task.on_failure(exc, task_id, request.args, request.kwargs, trace)
+    except Exception:
+        app.log.exception("on_failure of %s[%s] raised", task.name, task_id)
+    meta = None
+    store_errors = task.store_errors_even_if_ignored
+    if store_errors is None:
+        store_errors = app.conf.task_store_errors_even_if_ignored
+    if not _ignores_result(app, task, request) or store_errors:
+        meta = build_meta(app, task_id, states.FAILURE, exception_to_dict(exc), request, trace,
+                          task=task)
+    expected = bool(task.throws) and isinstance(exc, tuple(task.throws))
+    return Outcome(states.FAILURE, exc=exc, traceback=None if expected else trace, meta=meta)
+
+
+def _retried(app: Celery, task: Task[Any, Any], request: Context, retry: Retry) -> Outcome:
+    task_id = str(request.id)
+    reason = retry.exc if retry.exc is not None else retry
+    trace = format_traceback(retry)
+    try:
+        task.on_retry(reason, task_id, request.args, request.kwargs, trace)
+    except Exception:
+        app.log.exception("on_retry of %s[%s] raised", task.name, task_id)
+    meta = build_meta(app, task_id, states.RETRY, exception_to_dict(reason), request, trace,
+                      [[[task_id, None], None]], task)
+    return Outcome(states.RETRY, exc=retry, meta=meta,
+                   eager_result=getattr(retry, "eager_result", None))
+
+
+# -- eager ----------------------------------------------------------------------------
+
+
+def apply_eagerly(
+    task: Task[Any, Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    task_id: str,
+    *,
+    link: Any = None,
+    link_error: Any = None,
+    throw: bool | None = None,
+    retries: int = 0,
+    options: dict[str, Any] | None = None,
+) -> EagerResult[Any]:
+    from celeriac.canvas import maybe_signature_list
+    from celeriac.result import EagerResult
+
+    app = task.app
+    options = options or {}
+    parent = _current_worker_request()
+    request = Context(
+        id=task_id, task=task.name, args=args, kwargs=kwargs, retries=retries,
+        is_eager=True, called_directly=False, hostname=f"eager@{os.uname().nodename}",
+        root_id=(parent.root_id if parent else None) or task_id,
+        parent_id=parent.id if parent else None,
+        callbacks=maybe_signature_list(link, app), errbacks=maybe_signature_list(link_error, app),
+        chain=options.get("chain"), group=options.get("group_id"),
+        group_index=options.get("group_index"), chord=options.get("chord"),
+        delivery_info={"is_eager": True}, headers=options.get("headers") or {},
+        ignore_result=bool(options.get("ignore_result", False)),
+    )
+    outcome = execute(app, task, request, eager=True)
+    if outcome.state == states.RETRY and outcome.eager_result is not None:
+        return outcome.eager_result  # type: ignore[no-any-return]
+    if outcome.meta is not None and app.conf.task_store_eager_result:
+        app.backend.store([outcome.meta])
+    throw = app.conf.task_eager_propagates if throw is None else throw
+    if throw and outcome.exc is not None and outcome.state == states.FAILURE:
+        raise outcome.exc
+    value = outcome.exc if outcome.exc is not None else outcome.retval
+    return EagerResult(task_id, value, outcome.state, outcome.traceback, app=app, name=task.name)
+
+
+def retry_eagerly(
+    task: Task[Any, Any], request: Context, args: Any, kwargs: Any,
+    exc: BaseException | None, options: dict[str, Any],
+) -> None:
+    result = apply_eagerly(
+        task, list(request.args if args is None else args),
+        dict(request.kwargs if kwargs is None else kwargs), str(request.id),
+        retries=request.retries + 1, throw=True,
+    )
+    # The outer apply() returns what the last attempt produced.
+    frame_exc = Retry(exc=exc)
+    frame_exc.eager_result = result  # type: ignore[attr-defined]
+    raise frame_exc
+
+
+def _current_worker_request() -> Context | None:
+    from celeriac.task import current_request
+
+    request = current_request()
+    if request is None or request.called_directly:
+        return None
+    return request
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+

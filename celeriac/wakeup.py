@@ -1,0 +1,111 @@
+"""Cross-process wake-ups for the embedded SQLite store.
+
+SQLite cannot tell a reader that a row arrived, and polling costs either latency or CPU.
+Each waiting process binds a Unix datagram socket in a directory named after the database
+and topic; a writer sends one byte to every socket there after it commits. A waiter
+``select``s on its socket, so it wakes within microseconds and sleeps at no cost.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import select
+import socket
+import tempfile
+import threading
+import uuid
+
+
+def channel_dir(db_path: str, topic: str) -> str:
+    digest = hashlib.sha1(os.path.realpath(db_path).encode()).hexdigest()[:16]
+    # Socket paths are limited to ~108 bytes, so they live under the temp dir, not beside the db.
+    path = os.path.join(tempfile.gettempdir(), f"celeriac-{digest}", topic)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class Listener:
+    """A socket that receives wake-ups for one topic."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for a wake-up; drain pending ones. True if woken."""
+        try:
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        except (OSError, ValueError):
+            return False
+        if ready:
+            self.drain()
+            return True
+        return False
+
+    def drain(self) -> None:
+        try:
+            while True:
+                self.sock.recv(64)
+        except (BlockingIOError, OSError):
+            pass
+
+    def wake(self) -> None:
+        """Wake this listener (from a signal handler or another thread)."""
+        try:
+            self.sock.sendto(b"!", self.path)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+class Notifier:
+    """Sends wake-ups to every listener of a topic."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+        self._targets: list[str] = []
+        self._mtime_ns = -1
+        self._lock = threading.Lock()
+
+    def _refresh(self) -> None:
+        try:
+            mtime = os.stat(self.directory).st_mtime_ns
+        except FileNotFoundError:
+            os.makedirs(self.directory, exist_ok=True)
+            mtime = os.stat(self.directory).st_mtime_ns
+        if mtime != self._mtime_ns:
+            self._mtime_ns = mtime
+            self._targets = [os.path.join(self.directory, n) for n in os.listdir(self.directory)]
+
+    def notify(self) -> None:
+        with self._lock:
+            self._refresh()
+            for target in self._targets:
+                try:
+                    self._sock.sendto(b".", target)
+                except BlockingIOError:
+                    pass  # its buffer is full of wake-ups already
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                        # The listener's process died without unlinking its socket.
+                        try:
+                            os.unlink(target)
+                        except OSError:
+                            pass
+
+    def close(self) -> None:
+        self._sock.close()

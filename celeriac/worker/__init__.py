@@ -1,0 +1,1 @@
+"""The worker: a supervisor process and child processes that consume on their own."""

@@ -1,0 +1,207 @@
+"""A worker child: consumes from the broker on its own and runs tasks.
+
+One readable loop: fetch a batch sized to free slots -> handle each delivery -> store the
+batch's results -> ack the batch. Results are stored before acks, so a crash between the
+two re-runs a task rather than losing its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from celeriac.backends.base import TaskMeta
+from celeriac.brokers.base import Consumer, Delivery
+from celeriac.control import REVOKE_CHANNEL
+from celeriac.worker.handler import ACK, PARKED, REQUEUE, MessageHandler, Settlement
+from celeriac.worker.slots import SlotTable
+
+if TYPE_CHECKING:
+    from celeriac.app import Celery
+
+log = logging.getLogger("celeriac.worker")
+
+
+@dataclass
+class ChildConfig:
+    queues: list[str]
+    hostname: str
+    consumer_id: str
+    pool: str = "prefork"  # prefork | threads | solo
+    threads: int = 1
+    prefetch_multiplier: int = 4
+    max_tasks: int | None = None
+    max_memory_kib: int | None = None
+    first_slot: int = 0
+    rate_divisor: int = 1
+    heartbeat_interval: float = 2.0
+    # Solo: no supervisor, so a thread of this process heartbeats and recovers dead consumers.
+    maintenance: bool = False
+    recovery_timeout: float = 30.0
+
+
+class ChildWorker:
+    def __init__(self, app: Celery, config: ChildConfig, slots: SlotTable | None) -> None:
+        self.app = app
+        self.config = config
+        self.slots = slots
+        self.stopping = False
+        self.revoked: set[str] = set()
+        self.tasks_done = 0
+        self._consumer: Consumer | None = None
+        self._done: list[tuple[Delivery, Settlement]] = []
+        self._done_lock = threading.Lock()
+        self._inflight = 0
+
+    # -- signals -------------------------------------------------------------------------
+
+    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        """Warm stop: finish what is running, give back what was prefetched."""
+        self.stopping = True
+        if self._consumer is not None:
+            self._consumer.wake()
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        app, cfg = self.app, self.config
+        broker, backend = app.broker, app.backend
+        app.finalize()
+        handler = MessageHandler(app, cfg.hostname, self.revoked, self.slots, cfg.first_slot)
+        handler.rate_divisor = cfg.rate_divisor
+        consumer = self._consumer = broker.consumer(cfg.queues, cfg.consumer_id)
+        revocations = broker.subscribe(REVOKE_CHANNEL)
+        pool = ThreadPoolExecutor(cfg.threads, "celeriac-task") if cfg.pool == "threads" else None
+        capacity = cfg.threads if pool is not None else 1
+        stop_maintenance = threading.Event()
+        if cfg.maintenance:
+            threading.Thread(target=self._maintain, args=(consumer, stop_maintenance),
+                             name="celeriac-heartbeat", daemon=True).start()
+        try:
+            while not self.stopping:
+                self._absorb_revocations(revocations.poll())
+                free = capacity - self._inflight
+                if free <= 0:
+                    # Every thread is busy: wait for one to finish (it wakes the consumer).
+                    consumer.fetch(0, cfg.heartbeat_interval)
+                    self._flush(consumer, backend)
+                    continue
+                batch = consumer.fetch(free * cfg.prefetch_multiplier, cfg.heartbeat_interval)
+                if pool is None:
+                    self._run_inline(batch, handler, consumer, backend)
+                else:
+                    self._run_threaded(batch, handler, consumer, pool)
+                    self._flush(consumer, backend)
+                if self._limits_reached():
+                    break
+        finally:
+            stop_maintenance.set()
+            if pool is not None:
+                pool.shutdown(wait=True)
+            self._flush(consumer, backend)
+            revocations.close()
+            consumer.close()
+        return 0
+
+    def _maintain(self, consumer: Consumer, stop: threading.Event) -> None:
+        # A thread, not the loop: a long task must not stop this consumer's heartbeat, or
+        # another worker would take its messages back while it is still running them.
+        broker, cfg = self.app.broker, self.config
+        while not stop.wait(cfg.heartbeat_interval):
+            try:
+                broker.heartbeat([consumer.consumer_id])
+                broker.recover_stale(cfg.recovery_timeout)
+            except Exception:
+                log.exception("heartbeat failed")
+
+    def _run_inline(self, batch: list[Delivery], handler: MessageHandler, consumer: Consumer,
+                    backend: Any) -> None:
+        for index, delivery in enumerate(batch):
+            if self.stopping or self._limits_reached():
+                consumer.reject(batch[index:], requeue=True)
+                break
+            self._done.append((delivery, self._handle(handler, delivery)))
+            self.tasks_done += 1
+        self._flush(consumer, backend)
+
+    def _run_threaded(self, batch: list[Delivery], handler: MessageHandler, consumer: Consumer,
+                      pool: ThreadPoolExecutor) -> None:
+        def work(delivery: Delivery) -> None:
+            settlement = self._handle(handler, delivery)
+            with self._done_lock:
+                self._done.append((delivery, settlement))
+                self._inflight -= 1
+                self.tasks_done += 1
+            consumer.wake()
+
+        for delivery in batch:
+            with self._done_lock:
+                self._inflight += 1
+            pool.submit(work, delivery)
+
+    def _handle(self, handler: MessageHandler, delivery: Delivery) -> Settlement:
+        try:
+            return handler.handle(delivery)
+        except BaseException as exc:  # the loop survives anything a message does
+            log.exception("Internal error handling message %s", delivery.message.id)
+            return Settlement(REQUEUE if isinstance(exc, KeyboardInterrupt) else ACK,
+                              dead_letter=f"internal worker error: {exc!r}")
+
+    def _flush(self, consumer: Consumer, backend: Any) -> None:
+        with self._done_lock:
+            done, self._done = self._done, []
+        if not done:
+            return
+        metas: list[TaskMeta] = []
+        acks: list[Delivery] = []
+        requeues: list[Delivery] = []
+        broker = self.app.broker
+        for delivery, settlement in done:
+            if settlement.meta is not None:
+                metas.append(settlement.meta)
+            if settlement.dead_letter is not None:
+                broker.dead_letter(delivery.message, delivery.queue, settlement.dead_letter)
+            if settlement.action == ACK:
+                acks.append(delivery)
+            elif settlement.action == REQUEUE:
+                requeues.append(delivery)
+            elif settlement.action == PARKED:
+                consumer.park(delivery, settlement.park_until)
+        if metas:
+            backend.store(metas)
+        if acks:
+            consumer.ack(acks)
+        if requeues:
+            consumer.reject(requeues, requeue=True)
+
+    def _absorb_revocations(self, found: Sequence[dict[str, Any]]) -> None:
+        for item in found:
+            self.revoked.update(item.get("ids") or ())
+
+    def _limits_reached(self) -> bool:
+        cfg = self.config
+        if cfg.max_tasks is not None and self.tasks_done >= cfg.max_tasks:
+            log.info("Child %s reached max_tasks_per_child=%s; exiting to be replaced",
+                     os.getpid(), cfg.max_tasks)
+            return True
+        if cfg.max_memory_kib is not None and self.tasks_done:
+            import psutil
+
+            rss_kib = psutil.Process().memory_info().rss // 1024
+            if rss_kib > cfg.max_memory_kib:
+                log.info("Child %s uses %s KiB > max_memory_per_child=%s; exiting to be replaced",
+                         os.getpid(), rss_kib, cfg.max_memory_kib)
+                return True
+        return False
