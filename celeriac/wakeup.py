@@ -15,7 +15,13 @@ import select
 import socket
 import tempfile
 import threading
+import time
 import uuid
+
+# A directory's mtime may advance in coarse ticks (a jiffy, or worse on some filesystems),
+# so a listing taken less than this long after the mtime may have missed a later change
+# stamped with the same mtime.
+_RACY_NS = 100_000_000
 
 
 def channel_dir(db_path: str, topic: str) -> str:
@@ -34,11 +40,15 @@ class Listener:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.sock.setblocking(False)
+        # poll, not select: select fails on descriptors past FD_SETSIZE (1024), which a
+        # busy process reaches, and a failing wait would turn its fetch loop into a spin.
+        self._poll = select.poll()
+        self._poll.register(self.sock, select.POLLIN)
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for a wake-up; drain pending ones. True if woken."""
         try:
-            ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+            ready = self._poll.poll(max(0.0, timeout) * 1000.0)
         except (OSError, ValueError):
             return False
         if ready:
@@ -79,6 +89,7 @@ class Notifier:
         self._sock.setblocking(False)
         self._targets: list[str] = []
         self._mtime_ns = -1
+        self._racy = True
         self._lock = threading.Lock()
 
     def _refresh(self) -> None:
@@ -87,7 +98,10 @@ class Notifier:
         except FileNotFoundError:
             os.makedirs(self.directory, exist_ok=True)
             mtime = os.stat(self.directory).st_mtime_ns
-        if mtime != self._mtime_ns:
+        if mtime != self._mtime_ns or self._racy:
+            # A listener bound just after the last listing, within the same mtime tick,
+            # leaves the mtime unchanged: re-list until the listing is safely newer.
+            self._racy = time.time_ns() - mtime < _RACY_NS
             self._mtime_ns = mtime
             self._targets = [os.path.join(self.directory, n) for n in os.listdir(self.directory)]
 

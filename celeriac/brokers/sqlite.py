@@ -225,12 +225,13 @@ class SQLiteBroker(Broker):
         self, consumer_id: str, running_tag: str | None = None, requeue_running: bool = True
     ) -> int:
         with self._write() as conn:
+            running = 0
             if running_tag is not None:
                 if requeue_running:
-                    conn.execute(
+                    running = conn.execute(
                         "UPDATE celeriac_messages SET owner = NULL WHERE id = ? AND owner = ?",
                         (int(running_tag), consumer_id),
-                    )
+                    ).rowcount
                 else:
                     conn.execute(
                         "DELETE FROM celeriac_messages WHERE id = ? AND owner = ?",
@@ -244,7 +245,7 @@ class SQLiteBroker(Broker):
             ).rowcount
             conn.execute("DELETE FROM celeriac_consumers WHERE id = ?", (consumer_id,))
         self._notifier.notify()
-        return released + (1 if running_tag is not None and requeue_running else 0)
+        return released + running
 
     def recover_stale(self, timeout: float) -> int:
         now = time.time()
@@ -291,16 +292,22 @@ class SQLiteBroker(Broker):
             for rid, queue, reason, ts, env, body in rows
         ]
 
-    def _dead_letter_filter(self, ids: Sequence[str] | None) -> tuple[str, list[int]]:
+    def _dead_letter_filter(self, ids: Sequence[str] | None) -> tuple[str, list[int]] | None:
+        """SQL selecting the dead letters ``ids`` names (all for None); None if it names none."""
         if ids is None:
             return "", []
-        marks = ",".join("?" * len(ids))
-        return f" WHERE id IN ({marks})", [int(i) for i in ids]
+        # An id that is not a number names no dead letter here (it is not an error).
+        numbers = [int(i) for i in ids if str(i).strip().isdigit()]
+        if not numbers:
+            return None
+        marks = ",".join("?" * len(numbers))
+        return f" WHERE id IN ({marks})", numbers
 
     def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
-        where, params = self._dead_letter_filter(ids)
-        if ids is not None and not ids:
+        found = self._dead_letter_filter(ids)
+        if found is None:
             return 0
+        where, params = found
         with self._write() as conn:
             rows = conn.execute(
                 f"SELECT id, queue, envelope, body FROM celeriac_dead_letters{where}", params
@@ -314,9 +321,10 @@ class SQLiteBroker(Broker):
         return len(rows)
 
     def purge_dead_letters(self, ids: Sequence[str] | None = None) -> int:
-        where, params = self._dead_letter_filter(ids)
-        if ids is not None and not ids:
+        found = self._dead_letter_filter(ids)
+        if found is None:
             return 0
+        where, params = found
         with self._write() as conn:
             return conn.execute(f"DELETE FROM celeriac_dead_letters{where}", params).rowcount
 
@@ -395,6 +403,7 @@ class SQLiteConsumer(Consumer):
         self.consumer_id = consumer_id
         self._listener = Listener(broker._wake_dir)
         self._rotation = 0
+        self._woken = False
         broker._register(consumer_id)
 
     def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
@@ -407,7 +416,10 @@ class SQLiteConsumer(Consumer):
             if found:
                 return found
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._woken:
+                # The listener also hears every publish, so ``wake`` leaves a flag to tell
+                # its wake-up apart from those.
+                self._woken = False
                 return []
             due = self.broker._next_due()
             if due is not None:
@@ -431,6 +443,7 @@ class SQLiteConsumer(Consumer):
         self.broker.heartbeat([self.consumer_id])
 
     def wake(self) -> None:
+        self._woken = True
         self._listener.wake()
 
     def close(self) -> None:

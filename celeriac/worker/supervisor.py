@@ -298,7 +298,7 @@ class Supervisor:
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         if self.shutdown is None:
-            log.warning("Warm shutdown (%s): running tasks finish, the rest go back",
+            log.info("Warm shutdown (%s): running tasks finish, the rest go back",
                         signal.Signals(signum).name)
             self.shutdown = "warm"
             for child in self.children.values():
