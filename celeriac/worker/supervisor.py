@@ -23,7 +23,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
-from celeriac.exceptions import TimeLimitExceeded, WorkerLostError
+from celeriac.control import REVOKE_CHANNEL
+from celeriac.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from celeriac.protocol.errors import exception_to_dict
 from celeriac.trace import build_meta
 from celeriac.worker.child import ChildConfig, ChildWorker
@@ -202,11 +203,15 @@ class Supervisor:
                 log.error("Child %s (pid %s) exited with %s", child.index + 1, child.pid, how)
             broker.recover(child.consumer_id)
             return
-        if child.killed_for == "timeout":
+        if child.killed_for == "revoked":
+            log.warning("Terminated revoked task %s[%s]", slot.name, slot.task_id)
+            self._store_state(slot.task_id, states.REVOKED, TaskRevokedError("terminated"))
+            broker.recover(child.consumer_id, slot.tag, requeue_running=False)
+        elif child.killed_for == "timeout":
             exc: BaseException = TimeLimitExceeded(slot.hard_limit)
             log.error("Hard time limit (%ss) exceeded for %s[%s]; child killed",
                       slot.hard_limit, slot.name, slot.task_id)
-            self._store_failure(slot.task_id, exc)
+            self._store_state(slot.task_id, states.FAILURE, exc)
             broker.recover(child.consumer_id, slot.tag, requeue_running=False)
         elif slot.acks_late and (slot.reject_on_worker_lost or self.shutdown == "cold"):
             log.error("Child %s (pid %s) died with %s running %s[%s]; the task is requeued",
@@ -216,13 +221,13 @@ class Supervisor:
             exc = WorkerLostError(f"Worker exited prematurely: {how}.")
             log.error("Child %s (pid %s) died with %s running %s[%s]", child.index + 1,
                       child.pid, how, slot.name, slot.task_id)
-            self._store_failure(slot.task_id, exc)
+            self._store_state(slot.task_id, states.FAILURE, exc)
             broker.recover(child.consumer_id, slot.tag, requeue_running=False)
 
-    def _store_failure(self, task_id: str, exc: BaseException) -> None:
+    def _store_state(self, task_id: str, state: str, exc: BaseException) -> None:
         try:
             self.app.backend.store([
-                build_meta(self.app, task_id, states.FAILURE, exception_to_dict(exc), None,
+                build_meta(self.app, task_id, state, exception_to_dict(exc), None,
                            f"{type(exc).__name__}: {exc}\n")
             ])
         except Exception:
@@ -235,6 +240,7 @@ class Supervisor:
         next_beat = next_maintenance = 0.0
         next_cleanup = time.monotonic() + CLEANUP_EVERY
         warm_deadline: float | None = None
+        revocations = self.app.broker.subscribe(REVOKE_CHANNEL)
         while self.children:
             now = time.monotonic()
             if self.shutdown is None:
@@ -254,11 +260,23 @@ class Supervisor:
             if warm_deadline is not None and now >= warm_deadline and self.shutdown == "warm":
                 log.warning("Warm shutdown took longer than %ss; going cold", opts.shutdown_timeout)
                 self._go_cold()
+            self._terminate_revoked(revocations.poll())
             wait = self._enforce_time_limits()
             self._wait(min(wait, opts.heartbeat_interval))
             self._reap()
         log.info("celeriac worker %s stopped", opts.hostname)
         return 0
+
+    def _terminate_revoked(self, found: list[dict[str, Any]]) -> None:
+        """``revoke(terminate=True)``: kill the child running a revoked task."""
+        ids = {i for item in found if item.get("terminate") for i in item.get("ids") or ()}
+        if not ids:
+            return
+        for child in list(self.children.values()):
+            slot = self.slots.read(child.index)
+            if slot.running and slot.task_id in ids and not child.killed_for:
+                child.killed_for = "revoked"
+                _kill(child.pid, signal.SIGKILL)
 
     def _enforce_time_limits(self) -> float:
         """Kill children past their task's hard limit; seconds until the next deadline."""
