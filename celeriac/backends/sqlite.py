@@ -35,9 +35,7 @@ class SQLiteWaiter(Waiter):
 
 
 class SQLiteBackend(ResultBackend):
-    def __init__(
-        self, url: str = "sqlite://", synchronous: str = "NORMAL", **options: Any
-    ) -> None:
+    def __init__(self, url: str = "sqlite://", synchronous: str = "NORMAL", **options: Any) -> None:
         super().__init__(url, **options)
         self.path = path_from_url(url)
         self._conn = open_database(self.path, synchronous)

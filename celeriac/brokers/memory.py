@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from celeriac.brokers.base import Broker, Consumer, DeadLetter, Delivery, Subscriber, new_consumer_id
+from celeriac.brokers.base import (
+    Broker,
+    Consumer,
+    DeadLetter,
+    Delivery,
+    Subscriber,
+    new_consumer_id,
+)
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.protocol.message import Message
 
@@ -166,7 +173,8 @@ class MemorySubscriber(Subscriber):
         with self.state.cond:
             now = time.time()
             found = [
-                b for b in self.state.broadcasts
+                b
+                for b in self.state.broadcasts
                 if b[0] > self.cursor and b[1] == self.channel and b[2] >= now
             ]
         if found:

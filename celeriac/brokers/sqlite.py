@@ -23,7 +23,14 @@ from typing import Any
 
 import orjson
 
-from celeriac.brokers.base import Broker, Consumer, DeadLetter, Delivery, Subscriber, new_consumer_id
+from celeriac.brokers.base import (
+    Broker,
+    Consumer,
+    DeadLetter,
+    Delivery,
+    Subscriber,
+    new_consumer_id,
+)
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.protocol.message import Message
 from celeriac.wakeup import Listener, Notifier, channel_dir
@@ -63,7 +70,10 @@ CREATE TABLE IF NOT EXISTS celeriac_broadcasts (
 
 
 def path_from_url(url: str) -> str:
-    """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db``; ``sqlite://`` -> default."""
+    """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db``.
+
+    ``sqlite://`` gives the default path.
+    """
     rest = url.split("://", 1)[1] if "://" in url else ""
     if rest.startswith("/"):
         rest = rest[1:]
@@ -71,9 +81,13 @@ def path_from_url(url: str) -> str:
     return rest or DEFAULT_PATH
 
 
-def open_database(path: str, synchronous: str = "NORMAL", timeout: float = 60.0) -> sqlite3.Connection:
+def open_database(
+    path: str, synchronous: str = "NORMAL", timeout: float = 60.0
+) -> sqlite3.Connection:
     if path == ":memory:":
-        raise ImproperlyConfigured("sqlite ':memory:' cannot be shared between processes; use memory://")
+        raise ImproperlyConfigured(
+            "sqlite ':memory:' cannot be shared between processes; use memory://"
+        )
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ImproperlyConfigured(f"sqlite database directory does not exist: {directory}")
@@ -128,9 +142,7 @@ class SQLiteBroker(Broker):
         self, queue: str, messages: Sequence[Message], *, not_before: float | None = None
     ) -> None:
         delay = not_before if not_before is not None and not_before > time.time() else 0.0
-        rows = [
-            (queue, m.priority, delay, _encode_envelope(m), m.body) for m in messages
-        ]
+        rows = [(queue, m.priority, delay, _encode_envelope(m), m.body) for m in messages]
         with self._write() as conn:
             conn.executemany(
                 "INSERT INTO celeriac_messages(queue, priority, not_before, envelope, body)"
@@ -313,7 +325,8 @@ class SQLiteBroker(Broker):
                 f"SELECT id, queue, envelope, body FROM celeriac_dead_letters{where}", params
             ).fetchall()
             conn.executemany(
-                "INSERT INTO celeriac_messages(queue, priority, envelope, body) VALUES (?, ?, ?, ?)",
+                "INSERT INTO celeriac_messages(queue, priority, envelope, body)"
+                " VALUES (?, ?, ?, ?)",
                 [(q, _decode_message(env, body).priority, env, body) for _, q, env, body in rows],
             )
             conn.execute(f"DELETE FROM celeriac_dead_letters{where}", params)
@@ -380,7 +393,16 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed process whose parent died too stays a zombie until init reaps it, which
+    # in a container may be never: a zombie holds nothing and counts as gone.
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
 
 
 class SQLiteSubscriber(Subscriber):

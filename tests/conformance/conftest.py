@@ -31,13 +31,15 @@ class Impl:
     make_url: Callable[[Path], str]
     # Other processes on this machine reach the same queues / results through the URL.
     cross_process: bool = False
+    # Consumers hold messages on a lease: silent ones (no heartbeat) lose them.
+    leases: bool = False
     # The store drops expired documents itself, so ``cleanup()`` has nothing to do.
     self_expiring: bool = False
 
 
 BROKERS: list[Impl] = [
     Impl("memory", lambda tmp: f"memory://{uuid4().hex}"),
-    Impl("sqlite", lambda tmp: f"sqlite:///{tmp}/b.db", cross_process=True),
+    Impl("sqlite", lambda tmp: f"sqlite:///{tmp}/b.db", cross_process=True, leases=True),
 ]
 
 BACKENDS: list[Impl] = [
@@ -123,6 +125,12 @@ def bh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerHarness
 @pytest.fixture(params=params(BROKERS, cross_process=True))
 def shared_bh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerHarness]:
     """A broker whose queues other processes reach through its URL."""
+    yield from _broker_harness(request.param, tmp_path)
+
+
+@pytest.fixture(params=params(BROKERS, leases=True))
+def leased_bh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerHarness]:
+    """A broker that takes messages back from consumers whose heartbeats stop."""
     yield from _broker_harness(request.param, tmp_path)
 
 

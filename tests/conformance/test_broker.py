@@ -453,7 +453,7 @@ def test_recover_dead_consumer(bh: BrokerHarness, requeue_running: bool) -> None
 def test_recover_counts_only_what_went_back(bh: BrokerHarness) -> None:
     bh.broker.publish("q", [msg(1), msg(2)])
     dead = bh.consumer(["q"])
-    first, second = dead.fetch(10, WAIT)
+    first, _second = dead.fetch(10, WAIT)
     dead.ack([first])  # the running one finished and was acked before the crash
     assert bh.broker.recover(dead.consumer_id, first.tag) == 1
     assert ns(drain(bh.consumer(["q"]), 1)) == [2]
@@ -479,9 +479,35 @@ def test_recover_stale_leaves_live_consumers_alone(bh: BrokerHarness) -> None:
     c = bh.consumer(["q"])
     [d] = c.fetch(1, WAIT)
     c.heartbeat()
+    bh.broker.heartbeat([c.consumer_id])  # a supervisor beating for its children
     assert bh.broker.recover_stale(3600) == 0
     assert bh.broker.queue_size("q") == 0
     c.ack([d])
+
+
+def test_silent_consumer_loses_its_messages(leased_bh: BrokerHarness) -> None:
+    bh = leased_bh
+    bh.broker.publish("q", [msg(1), msg(2), msg(3)])
+    silent, beating, by_supervisor = (bh.consumer(["q"]) for _ in range(3))
+    [lost] = silent.fetch(1, WAIT)
+    [kept] = beating.fetch(1, WAIT)
+    [kept2] = by_supervisor.fetch(1, WAIT)
+    start = time.monotonic()
+    recovered = 0
+    while recovered == 0:
+        assert time.monotonic() - start < WAIT, "the silent consumer was never recovered"
+        beating.heartbeat()
+        bh.broker.heartbeat([by_supervisor.consumer_id])
+        recovered = bh.broker.recover_stale(0.3)
+        time.sleep(0.02)
+    assert recovered == 1
+    assert time.monotonic() - start >= 0.25
+    [again] = bh.consumer(["q"]).fetch(10, WAIT)
+    assert ns([again]) == ns([lost])
+    assert again.delivery_count == 2  # it may have been running: the delivery counts
+    assert bh.broker.queue_size("q") == 0
+    beating.ack([kept])
+    by_supervisor.ack([kept2])
 
 
 def test_two_consumers_never_share_a_message(bh: BrokerHarness) -> None:
