@@ -14,11 +14,11 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from celeriac.config import Settings, read_envvar, read_object
+from celeriac.config import OLD_NAMES, Settings, check_setting, read_envvar, read_object
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.protocol import serializers
 from celeriac.protocol.message import build_task_message
@@ -73,8 +73,12 @@ class Celery:
         if backend is not None:
             self._preconf["result_backend"] = backend
         if include:
-            self._preconf["include"] = tuple(include)
-        self._preconf.update(preconf)
+            self._preconf["include"] = include  # normalised (a str too) by the check below
+        for key, value in preconf.items():
+            self._preconf[OLD_NAMES.get(key, key)] = value
+        for key, value in self._preconf.items():
+            # Fail fast on a bad keyword setting (cheap: it opens and imports nothing).
+            self._preconf[key] = check_setting(key, value)
         self._sources: list[tuple[Any, str | None]] = []
         if config_source is not None:
             self._sources.append((config_source, namespace))
@@ -153,7 +157,12 @@ class Celery:
     def config_from_object(
         self, obj: Any, silent: bool = False, force: bool = False, namespace: str | None = None
     ) -> None:
-        """Read settings from an object, a module or a dotted path (lazily)."""
+        """Read settings from an object, a module or a dotted path (lazily).
+
+        Settings given to the constructor (``broker=``, ``backend=``, keyword settings)
+        keep winning over every source, also over one added after the settings were read.
+        """
+        namespace = namespace or self.namespace
         try:
             if isinstance(obj, str):
                 read_object(obj, namespace)  # fail now on an import error, not later
@@ -165,7 +174,8 @@ class Celery:
             self._sources.append((obj, namespace))
             if self._conf is not None:
                 for key, value in read_object(obj, namespace).items():
-                    self._conf[key] = value
+                    if key not in self._preconf:
+                        self._conf[key] = value
 
     def config_from_envvar(self, variable_name: str, silent: bool = False,
                            force: bool = False) -> None:
@@ -242,8 +252,10 @@ class Celery:
         for packages, related in self._autodiscover:
             self._discover(packages, related)
 
-    def autodiscover_tasks(self, packages: Sequence[str] | Callable[[], Sequence[str]] | None = None,
-                           related_name: str = "tasks", force: bool = False) -> None:
+    def autodiscover_tasks(
+        self, packages: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+        related_name: str = "tasks", force: bool = False,
+    ) -> None:
         """Import ``<package>.tasks`` for each package (at finalize, or now with force)."""
         pkgs = packages() if callable(packages) else (packages or [])
         if force or self._finalized:
@@ -284,10 +296,17 @@ class Celery:
     def broker(self) -> Broker:
         from celeriac import brokers
 
-        return self._per_process(  # type: ignore[no-any-return]
-            "broker",
-            lambda: brokers.connect(self.broker_url, self.conf.broker_transport_options),
-        )
+        def make() -> Broker:
+            broker = brokers.connect(self.broker_url, self.conf.broker_transport_options)
+            conf = self.conf
+            # Brokers whose connection can drop retry a publish per Celery's policy.
+            broker.publish_retry_policy = (
+                dict(conf.task_publish_retry_policy) if conf.task_publish_retry
+                else {"max_retries": 0}
+            )
+            return broker
+
+        return self._per_process("broker", make)  # type: ignore[no-any-return]
 
     @property
     def backend_url(self) -> str | None:
@@ -344,19 +363,23 @@ class Celery:
 
     def route(self, name: str, args: Any = (), kwargs: Any = None,
               options: dict[str, Any] | None = None, task: Task[Any, Any] | None = None) -> str:
-        """The queue a task goes to: explicit option, task_routes, task.queue, default."""
+        """The queue a task goes to: explicit option, task.queue, task_routes, default.
+
+        This is the order Celery's router applies (the task's own ``queue`` is merged into
+        the options before the routes are consulted, and options win).
+        """
         options = options or {}
         queue = options.get("queue")
         if queue:
             return str(queue.name if hasattr(queue, "name") else queue)
+        if task is not None and task.queue:
+            return str(task.queue)
         routes = self.conf.task_routes
         if routes:
             for router in routes if isinstance(routes, list | tuple) else [routes]:
                 found = _apply_router(router, name, args, kwargs, options, task)
                 if found:
                     return found
-        if task is not None and task.queue:
-            return task.queue
         return str(self.conf.task_default_queue)
 
     # -- sending -------------------------------------------------------------------------
@@ -406,6 +429,9 @@ class Celery:
         chain: list[dict[str, Any]] | None = None,
         chord: dict[str, Any] | None = None,
         reply_to: str | None = None,
+        argsrepr: str | None = None,
+        kwargsrepr: str | None = None,
+        origin: str | None = None,
         **extra: Any,
     ) -> AsyncResult[Any]:
         from celeriac.canvas import maybe_signature_list
@@ -417,17 +443,22 @@ class Celery:
         kwargs = dict(kwargs) if kwargs is not None else {}
         now = None
         if countdown is not None:
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             eta = now + timedelta(seconds=float(countdown))
         elif eta is not None and eta.tzinfo is None:
-            eta = eta.replace(tzinfo=timezone.utc)
+            eta = eta.replace(tzinfo=UTC)
         if expires is None and task is not None and task.expires is not None:
             expires = task.expires
+        if isinstance(expires, str):
+            # An ISO 8601 time, as Celery accepts (and as a retry passes on its header).
+            expires = datetime.fromisoformat(expires)
+        expiration = None  # the message TTL in seconds, exact for a numeric ``expires``
         if expires is not None and not isinstance(expires, datetime):
-            now = now or datetime.now(timezone.utc)
-            expires = now + timedelta(seconds=float(expires))
+            now = now or datetime.now(UTC)
+            expiration = float(expires)
+            expires = now + timedelta(seconds=expiration)
         elif isinstance(expires, datetime) and expires.tzinfo is None:
-            expires = expires.replace(tzinfo=timezone.utc)
+            expires = expires.replace(tzinfo=UTC)
         if task is not None:
             if priority is None:
                 priority = task.priority
@@ -437,8 +468,9 @@ class Celery:
                 time_limit = task.time_limit
             if soft_time_limit is None:
                 soft_time_limit = task.soft_time_limit
-            if ignore_result is False and task.ignore_result:
-                ignore_result = True
+            if ignore_result is False:
+                ignored = task.ignore_result
+                ignore_result = bool(conf.task_ignore_result if ignored is None else ignored)
         if priority is None:
             priority = conf.task_default_priority
         parent = current_request()
@@ -451,7 +483,7 @@ class Celery:
         queue_name = self.route(name, args, kwargs, {**options, **extra}, task)
         message = build_task_message(
             name, task_id, args, kwargs,
-            eta=eta, expires=expires, retries=retries,
+            eta=eta, expires=expires, expiration=expiration, retries=retries,
             time_limit=time_limit, soft_time_limit=soft_time_limit,
             root_id=root_id, parent_id=parent_id, group_id=group_id, group_index=group_index,
             shadow=shadow, ignore_result=ignore_result, reply_to=reply_to or self.oid,
@@ -459,6 +491,8 @@ class Celery:
             callbacks=maybe_signature_list(link, self),
             errbacks=maybe_signature_list(link_error, self),
             chain=chain, chord=chord, extra_headers=headers,
+            argsrepr=argsrepr, kwargsrepr=kwargsrepr,  # Celery's way to hide secrets in logs
+            origin_name=origin,
             serializer=serializer or conf.task_serializer,
             max_size=conf.task_max_message_size,
         )
@@ -475,6 +509,7 @@ class Celery:
     def _send_retry(self, task: Task[Any, Any], request: Context, args: Any, kwargs: Any,
                     eta: datetime, options: dict[str, Any]) -> None:
         """Send the next attempt of a running task: same id, retries + 1."""
+        headers = request.headers or {}
         self._send(
             task.name,
             request.args if args is None else args,
@@ -491,6 +526,10 @@ class Celery:
             headers={k: v for k, v in (request.headers or {}).items() if k.startswith("x-")},
             reply_to=request.reply_to,
             ignore_result=request.ignore_result,
+            # The same sender as the first attempt, and reprs kept while the arguments are.
+            origin=request.origin,
+            argsrepr=headers.get("argsrepr") if args is None else None,
+            kwargsrepr=headers.get("kwargsrepr") if kwargs is None else None,
         )
 
     def _store_state(self, task_id: str, state: str, meta: Any, request: Context | None) -> None:
@@ -549,7 +588,6 @@ class Celery:
                           link_error=link_error, **opts)
 
     def _send_chain(self, ch: chain, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
-        from celeriac.result import AsyncResult
 
         tasks = [t.clone() for t in ch.tasks]
         if not tasks:
@@ -592,18 +630,18 @@ class Celery:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult[Any]:  # noqa: N802
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult[Any]:
         from celeriac.result import AsyncResult
 
         return AsyncResult(task_id, app=self, **kwargs)
 
-    def GroupResult(self, group_id: str | None = None, results: Any = (),  # noqa: N802
+    def GroupResult(self, group_id: str | None = None, results: Any = (),
                     **kwargs: Any) -> GroupResult:
         from celeriac.result import GroupResult
 
         return GroupResult(group_id, results, app=self, **kwargs)
 
-    def Worker(self, **options: Any) -> Any:  # noqa: N802
+    def Worker(self, **options: Any) -> Any:
         from celeriac.worker.supervisor import Supervisor, WorkerOptions
 
         return Supervisor(self, WorkerOptions.from_app(self, **options))

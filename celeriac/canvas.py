@@ -24,6 +24,21 @@ def _app(app: Celery | None) -> Celery:
     return app or current_app()
 
 
+def _first_app(sigs: Iterable[Any]) -> Celery | None:
+    """The app of the first member that has one (Celery: a workflow uses its tasks' app)."""
+    for sig in sigs:
+        if not isinstance(sig, Signature):
+            continue
+        found = sig._app
+        if found is None and isinstance(sig, chain | group):
+            found = _first_app(sig.tasks)
+        elif found is None and isinstance(sig, chord):
+            found = _first_app([*sig.header.tasks, sig.body])
+        if found is not None:
+            return found
+    return None
+
+
 class Signature(dict[str, Any]):
     """A task call that can be sent later, passed around or put in a workflow."""
 
@@ -244,6 +259,10 @@ class chain(Signature):
     def tasks(self) -> list[Signature]:
         return self["kwargs"]["tasks"]  # type: ignore[no-any-return]
 
+    @property
+    def app(self) -> Celery:
+        return _app(self._app or _first_app(self.tasks))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], app: Celery | None = None) -> chain:
         tasks = [maybe_signature(t, app) for t in data["kwargs"]["tasks"]]
@@ -288,6 +307,10 @@ class group(Signature):
     def tasks(self) -> list[Signature]:
         return self["kwargs"]["tasks"]  # type: ignore[no-any-return]
 
+    @property
+    def app(self) -> Celery:
+        return _app(self._app or _first_app(self.tasks))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], app: Celery | None = None) -> group:
         return cls(*data["kwargs"]["tasks"], app=app, **data.get("options", {}))
@@ -329,6 +352,10 @@ class chord(Signature):
     @property
     def body(self) -> Signature | None:
         return self["kwargs"]["body"]  # type: ignore[no-any-return]
+
+    @property
+    def app(self) -> Celery:
+        return _app(self._app or _first_app([*self.header.tasks, self.body]))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], app: Celery | None = None) -> chord:

@@ -243,10 +243,131 @@ CELERY_ONLY = frozenset(
     control_queue_ttl control_queue_expires control_queue_exclusive control_queue_durable
     control_exchange security_certificate security_cert_store security_key
     security_key_password security_digest
-    """.split()
+    """.split()  # noqa: SIM905 - a word list reads better than quoted strings
 )
 
 _CHECKED_PREFIXES = ("task_", "worker_", "broker_", "result_", "beat_", "event_", "control_")
+
+# Celery's pre-4.0 upper-case names, which Celery 5 still reads (``BROKER_URL``,
+# ``CELERY_ALWAYS_EAGER``, ``CELERYD_CONCURRENCY``…): an old config keeps working.
+OLD_NAMES: dict[str, str] = {
+    "CELERY_ACCEPT_CONTENT": "accept_content", "RESULT_ACCEPT_CONTENT": "result_accept_content",
+    "ENABLE_UTC": "enable_utc", "CELERY_IMPORTS": "imports", "CELERY_INCLUDE": "include",
+    "CELERY_TIMEZONE": "timezone",
+    "CELERYBEAT_ENABLE_REMOTE_CONTROL": "beat_enable_remote_control",
+    "CELERYBEAT_REMOTE_CONTROL_MAX_TICK_AGE": "beat_remote_control_max_tick_age",
+    "CELERYBEAT_MAX_LOOP_INTERVAL": "beat_max_loop_interval",
+    "CELERYBEAT_SCHEDULE": "beat_schedule", "CELERYBEAT_SCHEDULER": "beat_scheduler",
+    "CELERYBEAT_SCHEDULE_FILENAME": "beat_schedule_filename",
+    "CELERYBEAT_SYNC_EVERY": "beat_sync_every",
+    "CELERYBEAT_CRON_STARTING_DEADLINE": "beat_cron_starting_deadline", "BROKER_URL": "broker_url",
+    "BROKER_READ_URL": "broker_read_url", "BROKER_WRITE_URL": "broker_write_url",
+    "BROKER_TRANSPORT": "broker_transport", "BROKER_TRANSPORT_OPTIONS": "broker_transport_options",
+    "BROKER_CONNECTION_TIMEOUT": "broker_connection_timeout",
+    "BROKER_CONNECTION_RETRY": "broker_connection_retry",
+    "BROKER_CONNECTION_RETRY_ON_STARTUP": "broker_connection_retry_on_startup",
+    "BROKER_CONNECTION_MAX_RETRIES": "broker_connection_max_retries",
+    "BROKER_CHANNEL_ERROR_RETRY": "broker_channel_error_retry",
+    "BROKER_FAILOVER_STRATEGY": "broker_failover_strategy", "BROKER_HEARTBEAT": "broker_heartbeat",
+    "BROKER_HEARTBEAT_CHECKRATE": "broker_heartbeat_checkrate",
+    "BROKER_LOGIN_METHOD": "broker_login_method",
+    "BROKER_NATIVE_DELAYED_DELIVERY_QUEUE_TYPE": "broker_native_delayed_delivery_queue_type",
+    "BROKER_POOL_LIMIT": "broker_pool_limit",
+    "BROKER_POOL_ACQUIRE_TIMEOUT": "broker_pool_acquire_timeout",
+    "BROKER_USE_SSL": "broker_use_ssl", "BROKER_HOST": "broker_host", "BROKER_PORT": "broker_port",
+    "BROKER_USER": "broker_user", "BROKER_PASSWORD": "broker_password",
+    "BROKER_VHOST": "broker_vhost", "CONTROL_QUEUE_TTL": "control_queue_ttl",
+    "CONTROL_QUEUE_EXPIRES": "control_queue_expires",
+    "CONTROL_QUEUE_EXCLUSIVE": "control_queue_exclusive",
+    "CONTROL_QUEUE_DURABLE": "control_queue_durable", "CONTROL_EXCHANGE": "control_exchange",
+    "CELERY_EVENT_QUEUE_EXPIRES": "event_queue_expires",
+    "CELERY_EVENT_QUEUE_TTL": "event_queue_ttl", "CELERY_EVENT_QUEUE_PREFIX": "event_queue_prefix",
+    "CELERY_EVENT_QUEUE_EXCLUSIVE": "event_queue_exclusive",
+    "CELERY_EVENT_QUEUE_DURABLE": "event_queue_durable",
+    "CELERY_EVENT_SERIALIZER": "event_serializer", "CELERY_EVENT_EXCHANGE": "event_exchange",
+    "CELERY_RESULT_BACKEND": "result_backend", "CELERY_MAX_CACHED_RESULTS": "result_cache_max",
+    "CELERY_RESULT_COMPRESSION": "result_compression", "CELERY_RESULT_EXCHANGE": "result_exchange",
+    "CELERY_RESULT_EXCHANGE_TYPE": "result_exchange_type",
+    "CELERY_TASK_RESULT_EXPIRES": "result_expires",
+    "CELERY_RESULT_PERSISTENT": "result_persistent", "CELERY_RESULT_EXTENDED": "result_extended",
+    "CELERY_RESULT_SERIALIZER": "result_serializer",
+    "CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS": "result_backend_transport_options",
+    "CELERY_RESULT_CHORD_RETRY_INTERVAL": "result_chord_retry_interval",
+    "CELERY_RESULT_CHORD_JOIN_TIMEOUT": "result_chord_join_timeout",
+    "CELERY_RESULT_BACKEND_MAX_SLEEP_BETWEEN_RETRIES_MS":
+        "result_backend_max_sleep_between_retries_ms",
+    "CELERY_RESULT_BACKEND_MAX_RETRIES": "result_backend_max_retries",
+    "CELERY_RESULT_BACKEND_BASE_SLEEP_BETWEEN_RETRIES_MS":
+        "result_backend_base_sleep_between_retries_ms",
+    "CELERY_RESULT_BACKEND_ALWAYS_RETRY": "result_backend_always_retry",
+    "CELERY_SECURITY_CERTIFICATE": "security_certificate",
+    "CELERY_SECURITY_CERT_STORE": "security_cert_store", "CELERY_SECURITY_KEY": "security_key",
+    "CELERY_SECURITY_KEY_PASSWORD": "security_key_password",
+    "CELERY_SECURITY_DIGEST": "security_digest", "CELERY_ACKS_LATE": "task_acks_late",
+    "CELERY_ACKS_ON_FAILURE_OR_TIMEOUT": "task_acks_on_failure_or_timeout",
+    "CELERY_ACKS_ON_FAILURE": "task_acks_on_failure",
+    "CELERY_ACKS_ON_TIMEOUT": "task_acks_on_timeout", "CELERY_ALWAYS_EAGER": "task_always_eager",
+    "CELERY_ANNOTATIONS": "task_annotations", "CELERY_MESSAGE_COMPRESSION": "task_compression",
+    "CELERY_CREATE_MISSING_QUEUES": "task_create_missing_queues",
+    "CELERY_CREATE_MISSING_QUEUE_TYPE": "task_create_missing_queue_type",
+    "CELERY_CREATE_MISSING_QUEUE_EXCHANGE_TYPE": "task_create_missing_queue_exchange_type",
+    "CELERY_INHERIT_PARENT_PRIORITY": "task_inherit_parent_priority",
+    "CELERY_DEFAULT_DELIVERY_MODE": "task_default_delivery_mode",
+    "CELERY_DEFAULT_QUEUE": "task_default_queue",
+    "CELERY_DEFAULT_QUEUE_TYPE": "task_default_queue_type",
+    "CELERY_DEFAULT_EXCHANGE": "task_default_exchange",
+    "CELERY_DEFAULT_EXCHANGE_TYPE": "task_default_exchange_type",
+    "CELERY_DEFAULT_ROUTING_KEY": "task_default_routing_key",
+    "CELERY_DEFAULT_RATE_LIMIT": "task_default_rate_limit",
+    "CELERY_DEFAULT_PRIORITY": "task_default_priority",
+    "CELERY_EAGER_PROPAGATES_EXCEPTIONS": "task_eager_propagates",
+    "CELERY_IGNORE_RESULT": "task_ignore_result",
+    "CELERY_STORE_EAGER_RESULT": "task_store_eager_result",
+    "CELERY_TASK_PROTOCOL": "task_protocol", "CELERY_TASK_PUBLISH_RETRY": "task_publish_retry",
+    "CELERY_TASK_PUBLISH_RETRY_POLICY": "task_publish_retry_policy",
+    "CELERY_QUEUES": "task_queues", "CELERY_QUEUE_MAX_PRIORITY": "task_queue_max_priority",
+    "CELERY_REJECT_ON_WORKER_LOST": "task_reject_on_worker_lost",
+    "CELERY_RETRY_ON_WORKER_LOST": "task_retry_on_worker_lost",
+    "CELERY_REMOTE_TRACEBACKS": "task_remote_tracebacks",
+    "CELERY_REPR_MAXLEVELS": "task_repr_maxlevels", "CELERY_ROUTES": "task_routes",
+    "CELERY_SEND_TASK_SENT_EVENT": "task_send_sent_event",
+    "CELERY_TASK_SERIALIZER": "task_serializer",
+    "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
+    "CELERYD_TASK_TIME_LIMIT": "task_time_limit",
+    "CELERY_STORE_ERRORS_EVEN_IF_IGNORED": "task_store_errors_even_if_ignored",
+    "CELERY_TRACK_STARTED": "task_track_started",
+    "CELERY_ALLOW_ERROR_CB_ON_CHORD_HEADER": "task_allow_error_cb_on_chord_header",
+    "CELERYD_AGENT": "worker_agent", "CELERYD_AUTOSCALER": "worker_autoscaler",
+    "CELERYD_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS":
+        "worker_cancel_long_running_tasks_on_connection_loss",
+    "CELERYD_SOFT_SHUTDOWN_TIMEOUT": "worker_soft_shutdown_timeout",
+    "CELERYD_ENABLE_SOFT_SHUTDOWN_ON_IDLE": "worker_enable_soft_shutdown_on_idle",
+    "CELERYD_CONCURRENCY": "worker_concurrency", "CELERYD_CONSUMER": "worker_consumer",
+    "CELERY_WORKER_DIRECT": "worker_direct",
+    "CELERY_DISABLE_RATE_LIMITS": "worker_disable_rate_limits",
+    "CELERYD_DEDUPLICATE_SUCCESSFUL_TASKS": "worker_deduplicate_successful_tasks",
+    "CELERY_ENABLE_REMOTE_CONTROL": "worker_enable_remote_control",
+    "CELERYD_HIJACK_ROOT_LOGGER": "worker_hijack_root_logger",
+    "CELERYD_LOG_COLOR": "worker_log_color", "CELERYD_LOG_DATEFMT": "worker_log_datefmt",
+    "CELERYD_LOG_FORMAT": "worker_log_format", "CELERYD_WORKER_LOST_WAIT": "worker_lost_wait",
+    "CELERYD_MAX_MEMORY_PER_CHILD": "worker_max_memory_per_child",
+    "CELERYD_MAX_TASKS_PER_CHILD": "worker_max_tasks_per_child", "CELERYD_POOL": "worker_pool",
+    "CELERYD_POOL_PUTLOCKS": "worker_pool_putlocks",
+    "CELERYD_POOL_RESTARTS": "worker_pool_restarts",
+    "CELERYD_POOL_START_METHOD": "worker_pool_start_method",
+    "CELERYD_PROC_ALIVE_TIMEOUT": "worker_proc_alive_timeout",
+    "CELERYD_PREFETCH_MULTIPLIER": "worker_prefetch_multiplier",
+    "CELERYD_ETA_TASK_LIMIT": "worker_eta_task_limit",
+    "CELERYD_ENABLE_PREFETCH_COUNT_REDUCTION": "worker_enable_prefetch_count_reduction",
+    "CELERYD_DISABLE_PREFETCH": "worker_disable_prefetch",
+    "CELERY_REDIRECT_STDOUTS": "worker_redirect_stdouts",
+    "CELERY_REDIRECT_STDOUTS_LEVEL": "worker_redirect_stdouts_level",
+    "CELERY_SEND_EVENTS": "worker_send_task_events", "CELERYD_STATE_DB": "worker_state_db",
+    "CELERYD_TASK_LOG_DATEFMT": "worker_task_log_datefmt",
+    "CELERYD_TASK_LOG_FORMAT": "worker_task_log_format", "CELERYD_TIMER": "worker_timer",
+    "CELERYD_TIMER_PRECISION": "worker_timer_precision",
+    "CELERYD_DETECT_QUORUM_QUEUES": "worker_detect_quorum_queues",
+}
 
 
 def check_setting(name: str, value: Any) -> Any:
@@ -272,9 +393,10 @@ class Settings(MutableMapping[str, Any]):
             self.update(values)
 
     def __getitem__(self, key: str) -> Any:
-        return self._values[key]
+        return self._values[OLD_NAMES.get(key, key)]
 
     def __setitem__(self, key: str, value: Any) -> None:
+        key = OLD_NAMES.get(key, key)
         self._values[key] = check_setting(key, value)
 
     def __delitem__(self, key: str) -> None:
@@ -291,7 +413,7 @@ class Settings(MutableMapping[str, Any]):
 
     def __getattr__(self, key: str) -> Any:
         try:
-            return self._values[key]
+            return self._values[OLD_NAMES.get(key, key)]
         except KeyError:
             raise AttributeError(key) from None
 
@@ -318,6 +440,7 @@ def read_object(obj: Any, namespace: str | None = None) -> dict[str, Any]:
         obj = target
     items = obj.items() if isinstance(obj, Mapping) else ((k, getattr(obj, k)) for k in dir(obj))
     out: dict[str, Any] = {}
+    old: dict[str, Any] = {}
     for key, value in items:
         if not isinstance(key, str):
             continue
@@ -326,10 +449,14 @@ def read_object(obj: Any, namespace: str | None = None) -> dict[str, Any]:
             if not key.startswith(prefix):
                 continue
             key = key[len(prefix) :].lower()
+        elif key in OLD_NAMES:
+            old[OLD_NAMES[key]] = value
+            continue
         elif key.startswith("_") or key != key.lower() or isinstance(value, ModuleType):
             continue
         out[key] = value
-    return out
+    # An old name counts only where the new one is not given too.
+    return {**old, **out}
 
 
 def read_envvar(name: str) -> str:

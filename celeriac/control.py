@@ -39,8 +39,8 @@ class Control:
         if backend.url == "disabled://":
             return
         known = backend.get_many(ids)
-        from celeriac.protocol.errors import exception_to_dict
         from celeriac.exceptions import TaskRevokedError
+        from celeriac.protocol.errors import exception_to_dict
         from celeriac.trace import build_meta
 
         metas = [

@@ -29,7 +29,7 @@ class AlreadyRegistered(CeleriacError):
     """A different task already uses this name."""
 
 
-class TimeoutError(CeleriacError):  # noqa: A001 - Celery's public name
+class TimeoutError(CeleriacError):
     """Waiting for a result took longer than the timeout."""
 
 

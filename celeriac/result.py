@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from celeriac import states
-from celeriac.exceptions import TaskRevokedError, TimeoutError
+from celeriac.exceptions import TaskRevokedError
 from celeriac.protocol.errors import exception_from_dict
 from celeriac.protocol.message import parse_time
 
@@ -155,9 +155,29 @@ class AsyncResult(Generic[R]):
             _assert_not_in_task(self.app)
         meta = self._cache
         if meta is None:
+            # As Celery: while waiting, a failed parent (an earlier step of a chain, after
+            # which this task will never run) raises its error instead of a timeout.
+            parents: dict[str, AsyncResult[Any]] = {}
+            node = self.parent if follow_parents and propagate else None
+            while isinstance(node, AsyncResult) and node.id not in parents:
+                parents[node.id] = node
+                node = node.parent
             # ``interval`` bounds one wait on the backend's push before a re-read.
-            for found in self.backend.wait([self.id], timeout, interval=max(interval, 1.0)):
-                meta = found
+            waiting = self.backend.wait([self.id, *parents], timeout,
+                                        interval=max(interval, 1.0))
+            try:
+                for found in waiting:
+                    found_id = found.get("task_id", self.id)
+                    if found_id == self.id or found_id not in parents:
+                        meta = found
+                        break
+                    if found.get("status") in states.PROPAGATE_STATES:
+                        parent = parents[found_id]
+                        parent._cache = found
+                        parent.get(propagate=True, follow_parents=False,
+                                   disable_sync_subtasks=False)
+            finally:
+                waiting.close()
             assert meta is not None
             self._cache = meta
         if on_message is not None:
@@ -280,9 +300,11 @@ class ResultSet:
         """Results in order; waits on all at once (one wait, not one per result)."""
         if disable_sync_subtasks:
             _assert_not_in_task(self.app)
-        pending = [r.id for r in self.results if r._cache is None and not isinstance(r, EagerResult)]
+        pending = [r.id for r in self.results
+                   if r._cache is None and not isinstance(r, EagerResult)]
         if pending:
-            metas = {m["task_id"]: m for m in self.app.backend.wait(pending, timeout, max(interval, 1.0))}
+            waited = self.app.backend.wait(pending, timeout, max(interval, 1.0))
+            metas = {m["task_id"]: m for m in waited}
             for r in self.results:
                 if r.id in metas:
                     r._cache = metas[r.id]

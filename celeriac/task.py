@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar
 
 from celeriac import states
@@ -52,6 +53,8 @@ class Context:
     task: str | None = None
     stamps: dict[str, Any] | None = None
     shadow: str | None = None
+    # Set by a worker: sends to make once this run's outcome is stored (see Task.retry).
+    deferred_sends: list[Callable[[], Any]] | None = None
 
     def __init__(self, **fields: Any) -> None:
         self.__dict__.update(fields)
@@ -136,8 +139,14 @@ class Task(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         # Called as a plain function: the request says so (workers call ``run`` instead).
+        # Within a run of this same task (a subclass's __call__ calling super(), which the
+        # worker goes through) the request is kept, as Celery keeps it.
         stack = _stack()
-        stack.append(Context(args=args, kwargs=kwargs, called_directly=True, task=self.name))
+        running = stack[-1] if stack else None
+        if running is not None and not running.called_directly and running.task == self.name:
+            stack.append(Context(**{**running.__dict__, "args": args, "kwargs": kwargs}))
+        else:
+            stack.append(Context(args=args, kwargs=kwargs, called_directly=True, task=self.name))
         try:
             return self.run(*args, **kwargs)
         finally:
@@ -188,7 +197,13 @@ class Task(Generic[P, R]):
         link_error: Any = None,
         **options: Any,
     ) -> AsyncResult[R]:
-        """Send the task with options (countdown, eta, expires, queue, priority, …)."""
+        """Send the task with options (countdown, eta, expires, queue, priority, …).
+
+        With ``typing`` (the default, as in Celery) arguments that do not fit the task's
+        signature raise TypeError here, not in a worker later.
+        """
+        if self.typing:
+            self._check_arguments(args, kwargs)
         app = self.app
         if app.conf.task_always_eager:
             return self.apply(  # type: ignore[return-value]
@@ -198,6 +213,20 @@ class Task(Generic[P, R]):
             self.name, args, kwargs, task_id=task_id, link=link, link_error=link_error,
             task=self, **options,
         )
+
+    def _check_arguments(self, args: Sequence[Any] | None, kwargs: dict[str, Any] | None) -> None:
+        sig = type(self).__dict__.get("_signature_cache")
+        if sig is None:
+            try:
+                sig = inspect.signature(self.run)
+            except (TypeError, ValueError):  # a builtin or C function: nothing to check
+                sig = False
+            type.__setattr__(type(self), "_signature_cache", sig)
+        if sig is not False:
+            try:
+                sig.bind(*(args or ()), **(kwargs or {}))
+            except TypeError as exc:
+                raise TypeError(f"{self.name}(): {exc}") from None
 
     def apply(
         self,
@@ -218,7 +247,7 @@ class Task(Generic[P, R]):
             link=link, link_error=link_error, throw=throw, retries=retries, options=options,
         )
 
-    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult[R]:  # noqa: N802
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> AsyncResult[R]:
         from celeriac.result import AsyncResult
 
         return AsyncResult(task_id, app=self.app, task_name=self.name, **kwargs)
@@ -296,14 +325,24 @@ class Task(Generic[P, R]):
         if eta is None and countdown is None:
             countdown = self.default_retry_delay
         if eta is None:
-            eta = datetime.now(timezone.utc) + timedelta(seconds=float(countdown or 0))
+            eta = datetime.now(UTC) + timedelta(seconds=float(countdown or 0))
         when = countdown if countdown is not None else eta
         if request.is_eager:
-            from celeriac.trace import retry_eagerly
-
-            retry_eagerly(self, request, args, kwargs, exc, options)
+            # apply() runs the next attempt once this one has returned.
+            request.eager_retry = (
+                list(request.args if args is None else args),
+                dict(request.kwargs if kwargs is None else kwargs),
+            )
         else:
-            self.app._send_retry(self, request, args, kwargs, eta, options)
+            sends = request.deferred_sends
+            if sends is not None:
+                # In a worker: sent once this run's RETRY state is stored, so the next
+                # attempt (maybe on another child, at once) never races that write.
+                sends.append(
+                    lambda: self.app._send_retry(self, request, args, kwargs, eta, options)
+                )
+            else:
+                self.app._send_retry(self, request, args, kwargs, eta, options)
         ret = Retry(exc=exc, when=when)
         if throw:
             raise ret

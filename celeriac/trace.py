@@ -10,8 +10,9 @@ import os
 import time
 import traceback as tb
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
@@ -40,7 +41,7 @@ class Outcome:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def build_meta(
@@ -113,17 +114,30 @@ def _autoretry(
 
 
 def execute(
-    app: Celery, task: Task[Any, Any], request: Context, *, eager: bool = False
+    app: Celery, task: Task[Any, Any], request: Context, *, eager: bool = False,
+    after_run: Callable[[], None] | None = None,
 ) -> Outcome:
-    """Run ``task`` for ``request``; never raises for what the task does."""
+    """Run ``task`` for ``request``; never raises for what the task does.
+
+    ``after_run`` is called as soon as the task's code returns or raises, before the
+    outcome is handled (the worker stops the soft time limit there, so the limit cannot
+    fire in hooks, callbacks or result bookkeeping).
+    """
     args, kwargs = request.args, request.kwargs
     task_id = str(request.id)
     started = time.monotonic()
     push_request(request)
     outcome: Outcome
     try:
-        task.before_start(task_id, args, kwargs)
-        retval = task.run(*args, **kwargs)
+        try:
+            task.before_start(task_id, args, kwargs)
+            # As Celery: a task class that overrides __call__ (to wrap every run) is called
+            # through it; otherwise run() is called directly.
+            fun = task if type(task).__call__ is not Task.__call__ else task.run
+            retval = fun(*args, **kwargs)
+        finally:
+            if after_run is not None:
+                after_run()
     except Retry as retry:
         outcome = _retried(app, task, request, retry)
     except Ignore:
@@ -134,11 +148,18 @@ def execute(
             reason=f"rejected by the task: {reject.reason!r}",
         )
     except Exception as exc:
-        retry = _autoretry(task, request, exc)
-        if retry is not None:
-            outcome = _retried(app, task, request, retry)
+        failure: BaseException = exc
+        auto: Retry | None = None
+        try:
+            auto = _autoretry(task, request, exc)
+        except Exception as final:
+            # Past max_retries retry() raises the task's exception (or, without one,
+            # MaxRetriesExceededError): the task fails with it.
+            failure = final
+        if auto is not None:
+            outcome = _retried(app, task, request, auto)
         else:
-            outcome = _failed(app, task, request, exc)
+            outcome = _failed(app, task, request, failure)
     else:
         outcome = _succeeded(app, task, request, retval)
     finally:
@@ -235,42 +256,34 @@ def apply_eagerly(
     app = task.app
     options = options or {}
     parent = _current_worker_request()
-    request = Context(
-        id=task_id, task=task.name, args=args, kwargs=kwargs, retries=retries,
-        is_eager=True, called_directly=False, hostname=f"eager@{os.uname().nodename}",
-        root_id=(parent.root_id if parent else None) or task_id,
-        parent_id=parent.id if parent else None,
-        callbacks=maybe_signature_list(link, app), errbacks=maybe_signature_list(link_error, app),
-        chain=options.get("chain"), group=options.get("group_id"),
-        group_index=options.get("group_index"), chord=options.get("chord"),
-        delivery_info={"is_eager": True}, headers=options.get("headers") or {},
-        ignore_result=bool(options.get("ignore_result", False)),
-    )
-    outcome = execute(app, task, request, eager=True)
-    if outcome.state == states.RETRY and outcome.eager_result is not None:
-        return outcome.eager_result  # type: ignore[no-any-return]
-    if outcome.meta is not None and app.conf.task_store_eager_result:
-        app.backend.store([outcome.meta])
+    while True:
+        request = Context(
+            id=task_id, task=task.name, args=args, kwargs=kwargs, retries=retries,
+            is_eager=True, called_directly=False, hostname=f"eager@{os.uname().nodename}",
+            root_id=(parent.root_id if parent else None) or task_id,
+            parent_id=parent.id if parent else None,
+            callbacks=maybe_signature_list(link, app),
+            errbacks=maybe_signature_list(link_error, app),
+            chain=options.get("chain"), group=options.get("group_id"),
+            group_index=options.get("group_index"), chord=options.get("chord"),
+            delivery_info={"is_eager": True}, headers=options.get("headers") or {},
+            ignore_result=bool(options.get("ignore_result", False)),
+        )
+        outcome = execute(app, task, request, eager=True)
+        if outcome.meta is not None and app.conf.task_store_eager_result:
+            app.backend.store([outcome.meta])
+        pending = request.__dict__.get("eager_retry")
+        if outcome.state != states.RETRY or pending is None:
+            break
+        # As Celery's apply(): the next attempt runs once this one has returned (not
+        # nested inside it), so each attempt's hooks run once, in order.
+        args, kwargs = pending
+        retries += 1
     throw = app.conf.task_eager_propagates if throw is None else throw
     if throw and outcome.exc is not None and outcome.state == states.FAILURE:
         raise outcome.exc
     value = outcome.exc if outcome.exc is not None else outcome.retval
     return EagerResult(task_id, value, outcome.state, outcome.traceback, app=app, name=task.name)
-
-
-def retry_eagerly(
-    task: Task[Any, Any], request: Context, args: Any, kwargs: Any,
-    exc: BaseException | None, options: dict[str, Any],
-) -> None:
-    result = apply_eagerly(
-        task, list(request.args if args is None else args),
-        dict(request.kwargs if kwargs is None else kwargs), str(request.id),
-        retries=request.retries + 1, throw=True,
-    )
-    # The outer apply() returns what the last attempt produced.
-    frame_exc = Retry(exc=exc)
-    frame_exc.eager_result = result  # type: ignore[attr-defined]
-    raise frame_exc
 
 
 def _current_worker_request() -> Context | None:

@@ -13,6 +13,9 @@ SCHEMES: dict[str, str] = {
     "memory": "celeriac.backends.memory:MemoryBackend",
     "cache+memory": "celeriac.backends.memory:MemoryBackend",
     "sqlite": "celeriac.backends.sqlite:SQLiteBackend",
+    "redis": "celeriac.backends.redis:RedisBackend",
+    "rediss": "celeriac.backends.redis:RedisBackend",
+    "sentinel": "celeriac.backends.redis:RedisBackend",
 }
 
 __all__ = ["SCHEMES", "ResultBackend", "TaskMeta", "connect"]

@@ -90,6 +90,10 @@ class Broker(ABC):
     """Queues of opaque messages. One instance per process; create with ``brokers.connect``."""
 
     url: str
+    # How ``publish`` retries when the connection fails (Celery's task_publish_retry_policy:
+    # max_retries, interval_start, interval_step, interval_max); the app sets it. Brokers
+    # that cannot lose a connection ignore it.
+    publish_retry_policy: dict[str, Any] | None = None
 
     @abstractmethod
     def publish(

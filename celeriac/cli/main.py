@@ -5,10 +5,12 @@ Errors print one line naming the problem, never a traceback.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from importlib import import_module
 from typing import Any
@@ -25,20 +27,25 @@ def find_app(spec: str) -> Celery:
         sys.path.insert(0, os.getcwd())
     module_name, _, attr = spec.partition(":")
     try:
-        module = import_module(module_name)
+        module = _import(spec, module_name)
     except ModuleNotFoundError as exc:
         if attr or "." not in module_name or exc.name != module_name:
             raise click.ClickException(f"-A {spec}: cannot import {exc.name!r}") from None
         # "pkg.mod.attr": the last part may be an attribute.
         module_name, _, attr = module_name.rpartition(".")
         try:
-            module = import_module(module_name)
+            module = _import(spec, module_name)
         except ModuleNotFoundError as exc2:
             raise click.ClickException(f"-A {spec}: cannot import {exc2.name!r}") from None
     if attr:
         found = getattr(module, attr, None)
-        if callable(found) and not isinstance(found, Celery):
-            found = found()
+        if inspect.isfunction(found):  # an app factory, as Celery allows (never a task)
+            try:
+                found = found()
+            except Exception as exc:
+                raise click.ClickException(
+                    f"-A {spec}: calling {attr}() raised {type(exc).__name__}: {exc}"
+                ) from None
         if not isinstance(found, Celery):
             raise click.ClickException(f"-A {spec}: {attr!r} is not a celeriac app")
         return found
@@ -55,6 +62,20 @@ def find_app(spec: str) -> Celery:
         except click.ClickException:
             pass
     raise click.ClickException(f"-A {spec}: no celeriac app found in module {module_name!r}")
+
+
+def _import(spec: str, module_name: str) -> Any:
+    """Import the app's module; its own errors become one line naming where they happened."""
+    try:
+        return import_module(module_name)
+    except (ModuleNotFoundError, CeleriacError):
+        raise
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+        raise click.ClickException(
+            f"-A {spec}: importing {module_name!r} raised {type(exc).__name__}: {exc}{where}"
+        ) from None
 
 
 def _app(ctx: click.Context) -> Celery:
@@ -78,8 +99,19 @@ class FriendlyGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (CeleriacError, ImproperlyConfigured, ValueError, OSError) as exc:
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except (CeleriacError, ImproperlyConfigured, ValueError, OSError,
+                NotImplementedError) as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            # Anything else (a server library's connection error, a bug): still one line,
+            # with the way to see the traceback.
+            if os.environ.get("CELERIAC_TRACEBACK"):
+                raise
+            raise click.ClickException(
+                f"{type(exc).__name__}: {exc} (set CELERIAC_TRACEBACK=1 for the traceback)"
+            ) from None
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -150,9 +182,10 @@ def _json_option(value: str | None, name: str, kind: type) -> Any:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=name) from None
+        raise click.ClickException(f"{name} {value!r}: not valid JSON ({exc})") from None
     if not isinstance(parsed, kind):
-        raise click.BadParameter(f"must be a JSON {kind.__name__}", param_hint=name)
+        what = "list, e.g. '[2, 3]'" if kind is list else 'object, e.g. \'{"x": 1}\''
+        raise click.ClickException(f"{name} {value!r}: must be a JSON {what}")
     return parsed
 
 
@@ -198,7 +231,8 @@ def _printable(value: Any) -> Any:
 
 @cli.command()
 @click.argument("task_id")
-@click.option("--traceback", "show_traceback", is_flag=True, help="Show the traceback of a failure.")
+@click.option("--traceback", "show_traceback", is_flag=True,
+              help="Show the traceback of a failure.")
 @click.pass_context
 def result(ctx: click.Context, task_id: str, show_traceback: bool) -> None:
     """Show the state and result of TASK_ID."""
@@ -209,7 +243,7 @@ def result(ctx: click.Context, task_id: str, show_traceback: bool) -> None:
                            "result": meta.get("result"), "date_done": meta.get("date_done")},
                           default=str))
     if show_traceback and res.traceback:
-        click.echo(res.traceback)
+        click.echo(res.traceback.rstrip("\n"))
 
 
 @cli.command()

@@ -24,9 +24,7 @@ _stand_ins: dict[tuple[str, str], type[BaseException]] = {}
 def _jsonable_args(exc: BaseException) -> list[Any]:
     out: list[Any] = []
     for arg in exc.args:
-        if arg is None or isinstance(arg, str | int | float | bool):
-            out.append(arg)
-        elif isinstance(arg, list | tuple | dict):
+        if arg is None or isinstance(arg, str | int | float | bool | list | tuple | dict):
             out.append(arg)
         else:
             out.append(repr(arg))

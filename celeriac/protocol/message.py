@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from celeriac.exceptions import DecodeError, MessageTooLarge
@@ -61,7 +61,7 @@ def iso(dt: datetime | None) -> str | None:
     if dt is None:
         return None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.isoformat()
 
 
@@ -73,6 +73,7 @@ def build_task_message(
     *,
     eta: datetime | None = None,
     expires: datetime | None = None,
+    expiration: float | None = None,
     retries: int = 0,
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
@@ -92,10 +93,16 @@ def build_task_message(
     stamps: dict[str, Any] | None = None,
     serializer: str = "json",
     repr_maxsize: int = 1024,
+    argsrepr: str | None = None,
+    kwargsrepr: str | None = None,
     max_size: int | None = None,
     origin_name: str | None = None,
 ) -> Message:
-    """Build a protocol v2 task message with every header Celery 5.7 sends."""
+    """Build a protocol v2 task message with every header Celery 5.7 sends.
+
+    ``expiration`` is the message TTL in seconds (the ``expiration`` property, in ms as
+    kombu writes it); without it, it is derived from ``expires``.
+    """
     args = list(args) if not isinstance(args, list) else args
     kwargs = kwargs or {}
     ser = serializers.by_name(serializer)
@@ -119,8 +126,8 @@ def build_task_message(
         "timelimit": [time_limit, soft_time_limit],
         "root_id": root_id or task_id,
         "parent_id": parent_id,
-        "argsrepr": _safe_repr(tuple(args), repr_maxsize),
-        "kwargsrepr": _safe_repr(kwargs, repr_maxsize),
+        "argsrepr": _safe_repr(tuple(args), repr_maxsize) if argsrepr is None else argsrepr,
+        "kwargsrepr": _safe_repr(kwargs, repr_maxsize) if kwargsrepr is None else kwargsrepr,
         "origin": origin_name or origin(),
         "ignore_result": ignore_result,
         "replaced_task_nesting": 0,
@@ -135,9 +142,10 @@ def build_task_message(
         "delivery_mode": 2,
         "priority": priority or 0,
     }
-    if expires is not None:
-        remaining_ms = (expires - datetime.now(timezone.utc)).total_seconds() * 1000
-        properties["expiration"] = str(max(0, int(remaining_ms)))
+    if expiration is None and expires is not None:
+        expiration = (expires - datetime.now(UTC)).total_seconds()
+    if expiration is not None:
+        properties["expiration"] = str(int(max(0.0, expiration) * 1000))
     return Message(headers, properties, body, ser.content_type, ser.content_encoding)
 
 
@@ -203,11 +211,11 @@ def parse_time(value: Any) -> datetime | None:
     if value is None or value == "":
         return None
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, timezone.utc)
+        return datetime.fromtimestamp(value, UTC)
     dt = datetime.fromisoformat(str(value))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def decode_task(message: Message, accept: frozenset[str]) -> TaskRequest:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import decimal
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -50,7 +51,12 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, uuid.UUID):
         return {_TAG: "uuid", "__value__": {"hex": obj.hex}}
     if isinstance(obj, bytes | bytearray | memoryview):
-        return {_TAG: "bytes", "__value__": base64.b64encode(bytes(obj)).decode()}
+        # kombu's two forms: UTF-8 text as "bytes", anything else as "base64".
+        raw = bytes(obj)
+        try:
+            return {_TAG: "bytes", "__value__": raw.decode("utf-8")}
+        except UnicodeDecodeError:
+            return {_TAG: "base64", "__value__": base64.b64encode(raw).decode("ascii")}
     if isinstance(obj, set | frozenset):
         return list(obj)
     json_method = getattr(obj, "__json__", None)
@@ -65,7 +71,8 @@ _TAG_DECODERS: dict[str, Callable[[Any], Any]] = {
     "time": time.fromisoformat,
     "decimal": decimal.Decimal,
     "uuid": lambda v: uuid.UUID(**v) if isinstance(v, dict) else uuid.UUID(v),
-    "bytes": lambda v: base64.b64decode(v),
+    "bytes": lambda v: v.encode("utf-8"),
+    "base64": lambda v: base64.b64decode(v),
 }
 
 
@@ -81,14 +88,34 @@ def _untag(obj: Any) -> Any:
     return obj
 
 
+# What orjson writes for a uuid.UUID (it never hands one to ``default``).
+_UUID_TEXT = re.compile(rb'"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"')
+
+
+def _tag_uuids(obj: Any) -> Any:
+    if isinstance(obj, uuid.UUID):
+        return {_TAG: "uuid", "__value__": {"hex": obj.hex}}
+    if isinstance(obj, dict):
+        return {k: _tag_uuids(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_tag_uuids(v) for v in obj]
+    return obj
+
+
 def json_dumps(obj: Any) -> bytes:
     try:
-        return orjson.dumps(obj, default=_json_default, option=_JSON_OPTIONS)
+        data = orjson.dumps(obj, default=_json_default, option=_JSON_OPTIONS)
     except TypeError as exc:
         if "Integer exceeds 64-bit range" in str(exc):
             # orjson refuses big ints; the stdlib does not.
             return json.dumps(obj, default=_json_default).encode()
         raise
+    if _UUID_TEXT.search(data) is not None:
+        # orjson writes a UUID as a plain string, kombu as a tagged object that decodes
+        # back to a UUID. Only output holding a UUID-shaped string can contain one, so
+        # the walk that tags them is paid for only then.
+        data = orjson.dumps(_tag_uuids(obj), default=_json_default, option=_JSON_OPTIONS)
+    return data
 
 
 def json_loads(data: bytes | str) -> Any:

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("celeriac.worker")
 
+# Results of a batch are stored (and its messages acked) together, but not behind a task
+# that may take a while: before running one not known to take less than this (seconds),
+# the results of those already run are flushed, so they are not held hostage.
+QUICK_TASK = 0.005
+
 
 @dataclass
 class ChildConfig:
@@ -60,6 +65,10 @@ class ChildWorker:
         self._done: list[tuple[Delivery, Settlement]] = []
         self._done_lock = threading.Lock()
         self._inflight = 0
+        self._revocations: Any = None
+        self._revocations_lock = threading.Lock()
+        self._revocations_polled = 0.0
+        self._runtimes: dict[str, float] = {}  # task name -> recent run time (s)
 
     # -- signals -------------------------------------------------------------------------
 
@@ -82,7 +91,7 @@ class ChildWorker:
         handler = MessageHandler(app, cfg.hostname, self.revoked, self.slots, cfg.first_slot)
         handler.rate_divisor = cfg.rate_divisor
         consumer = self._consumer = broker.consumer(cfg.queues, cfg.consumer_id)
-        revocations = broker.subscribe(REVOKE_CHANNEL)
+        revocations = self._revocations = broker.subscribe(REVOKE_CHANNEL)
         pool = ThreadPoolExecutor(cfg.threads, "celeriac-task") if cfg.pool == "threads" else None
         capacity = cfg.threads if pool is not None else 1
         stop_maintenance = threading.Event()
@@ -91,14 +100,17 @@ class ChildWorker:
                              name="celeriac-heartbeat", daemon=True).start()
         try:
             while not self.stopping:
-                self._absorb_revocations(revocations.poll())
                 free = capacity - self._inflight
                 if free <= 0:
                     # Every thread is busy: wait for one to finish (it wakes the consumer).
                     consumer.fetch(0, cfg.heartbeat_interval)
+                    self._refresh_revocations(force=True)
                     self._flush(consumer, backend)
                     continue
                 batch = consumer.fetch(free * cfg.prefetch_multiplier, cfg.heartbeat_interval)
+                # Read revocations after the fetch, not before: a fetch may block until a
+                # delayed message is due, and a revoke sent meanwhile must be seen.
+                self._refresh_revocations(force=bool(batch))
                 if pool is None:
                     self._run_inline(batch, handler, consumer, backend)
                 else:
@@ -132,13 +144,25 @@ class ChildWorker:
             if self.stopping or self._limits_reached():
                 consumer.reject(batch[index:], requeue=True)
                 break
+            name = _task_name(delivery)
+            if index:
+                if self._runtimes.get(name, QUICK_TASK) >= QUICK_TASK:
+                    self._flush(consumer, backend)
+                # A prefetched message may have been revoked while earlier ones ran.
+                self._refresh_revocations()
+            started = time.monotonic()
             self._done.append((delivery, self._handle(handler, delivery)))
             self.tasks_done += 1
+            if name in self.app.tasks:
+                elapsed = time.monotonic() - started
+                previous = self._runtimes.get(name)
+                self._runtimes[name] = elapsed if previous is None else (previous + elapsed) / 2
         self._flush(consumer, backend)
 
     def _run_threaded(self, batch: list[Delivery], handler: MessageHandler, consumer: Consumer,
                       pool: ThreadPoolExecutor) -> None:
         def work(delivery: Delivery) -> None:
+            self._refresh_revocations()  # it may have waited in the pool's queue
             settlement = self._handle(handler, delivery)
             with self._done_lock:
                 self._done.append((delivery, settlement))
@@ -186,6 +210,15 @@ class ChildWorker:
         if requeues:
             consumer.reject(requeues, requeue=True)
 
+    def _refresh_revocations(self, force: bool = False) -> None:
+        """Read new revocations: always when ``force``, else at most every 50 ms."""
+        now = time.monotonic()
+        if self._revocations is None or (not force and now - self._revocations_polled < 0.05):
+            return
+        with self._revocations_lock:
+            self._revocations_polled = now
+            self._absorb_revocations(self._revocations.poll())
+
     def _absorb_revocations(self, found: Sequence[dict[str, Any]]) -> None:
         for item in found:
             self.revoked.update(item.get("ids") or ())
@@ -205,3 +238,9 @@ class ChildWorker:
                          os.getpid(), rss_kib, cfg.max_memory_kib)
                 return True
         return False
+
+
+def _task_name(delivery: Delivery) -> str:
+    headers = delivery.message.headers
+    name = headers.get("task") if isinstance(headers, dict) else None
+    return name if isinstance(name, str) else ""

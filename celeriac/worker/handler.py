@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
@@ -27,7 +27,7 @@ from celeriac.exceptions import (
 from celeriac.protocol.errors import exception_to_dict
 from celeriac.protocol.message import TaskRequest, decode_task
 from celeriac.task import Context
-from celeriac.trace import build_meta, execute
+from celeriac.trace import Outcome, build_meta, execute, format_traceback
 from celeriac.worker.limits import SoftLimit, TokenBucket, parse_rate
 from celeriac.worker.slots import ACKS_LATE, REJECT_ON_WORKER_LOST, SlotTable
 
@@ -149,13 +149,14 @@ class MessageHandler:
             correlation_id=req.properties.get("correlation_id") or req.id,
             origin=headers.get("origin"), ignore_result=bool(headers.get("ignore_result")),
             headers=headers, properties=req.properties, stamps=headers.get("stamps"),
-            shadow=headers.get("shadow"),
+            shadow=headers.get("shadow"), deferred_sends=[],
         )
 
     def _rate_wait(self, task: Any) -> float:
         name = task.name
-        bucket = self.buckets.get(name, False)
-        if bucket is False:
+        if name in self.buckets:
+            bucket = self.buckets[name]
+        else:
             rate = parse_rate(task.rate_limit or self.default_rate)
             # Each child limits its share, so the worker as a whole keeps the task's rate.
             bucket = TokenBucket(rate / self.rate_divisor) if rate else None
@@ -181,11 +182,14 @@ class MessageHandler:
             )])
         self.soft_limit.arm(soft)
         try:
-            outcome = execute(self.app, task, context)
+            outcome = execute(self.app, task, context,
+                              after_run=lambda: self.soft_limit.disarm(soft))
         finally:
             self.soft_limit.disarm(soft)
             if slots is not None:
                 slots.clear(index)
+        if context.deferred_sends:
+            outcome = self._send_deferred(req, context, outcome)
         state = outcome.state
         if state == states.SUCCESS:
             log.debug("Task %s[%s] succeeded in %.6fs: %r", req.name, req.id, outcome.runtime,
@@ -206,11 +210,30 @@ class MessageHandler:
                               dead_letter=f"task failed: {outcome.exc!r} (acks_on_failure off)")
         return Settlement(ACK, meta=outcome.meta)
 
+    def _send_deferred(self, req: TaskRequest, context: Context, outcome: Outcome) -> Outcome:
+        """Send the retries the task asked for, after storing its RETRY state.
+
+        Stored first (not with the batch) because the next attempt may run at once on
+        another child: its result must not be overwritten by this run's RETRY.
+        """
+        try:
+            if outcome.state == states.RETRY and outcome.meta is not None:
+                self.app.backend.store([outcome.meta])
+                outcome.meta = None
+            for send in context.deferred_sends or ():
+                send()
+        except Exception as exc:
+            log.exception("Could not send the retry of %s[%s]", req.name, req.id)
+            meta = build_meta(self.app, req.id, states.FAILURE, exception_to_dict(exc), context,
+                              format_traceback(exc))
+            return Outcome(states.FAILURE, exc=exc, traceback=format_traceback(exc), meta=meta)
+        return outcome
+
 
 def _timestamp(value: Any) -> float:
     if isinstance(value, int | float):
         return float(value)
     dt = datetime.fromisoformat(str(value))
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()

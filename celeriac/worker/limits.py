@@ -22,7 +22,9 @@ def parse_rate(rate: str | float | int | None) -> float | None:
     try:
         return float(count) / _UNITS[unit or "s"]
     except (KeyError, ValueError):
-        raise ImproperlyConfigured(f"rate_limit={rate!r}: use a form like '10/s', '5/m', '100/h'") from None
+        raise ImproperlyConfigured(
+            f"rate_limit={rate!r}: use a form like '10/s', '5/m', '100/h'"
+        ) from None
 
 
 class TokenBucket:
@@ -48,17 +50,24 @@ def _raise_soft_limit(signum: int, frame: FrameType | None) -> None:
 
 
 class SoftLimit:
-    """Raises SoftTimeLimitExceeded in the task after ``seconds`` (main thread only)."""
+    """Raises SoftTimeLimitExceeded in the task after ``seconds`` (main thread only).
+
+    SIGALRM is handled in the main thread, so only a task running there can get it: in
+    the thread pool the timer is not armed (an alarm would hit the child's consume loop).
+    """
 
     def __init__(self) -> None:
         self.usable = threading.current_thread() is threading.main_thread()
         if self.usable:
             signal.signal(signal.SIGALRM, _raise_soft_limit)
 
+    def _here(self) -> bool:
+        return self.usable and threading.current_thread() is threading.main_thread()
+
     def arm(self, seconds: float | None) -> None:
-        if seconds and self.usable:
+        if seconds and self._here():
             signal.setitimer(signal.ITIMER_REAL, float(seconds))
 
     def disarm(self, armed: float | None) -> None:
-        if armed and self.usable:
+        if armed and self._here():
             signal.setitimer(signal.ITIMER_REAL, 0)

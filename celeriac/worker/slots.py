@@ -8,6 +8,7 @@ child dies, to know which message it was running and how that task wants to be t
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ class SlotTable:
     def __init__(self, count: int) -> None:
         self.count = count
         self._mem = mmap.mmap(-1, max(1, count) * SLOT_SIZE)
+        # Written to when a task with a hard limit starts, so the supervisor, which sleeps
+        # until the nearest deadline it knows of, learns of the new one at once.
+        self.notify_fd: int | None = None
 
     def start(self, index: int, task_id: str, tag: str, name: str, flags: int,
               hard_limit: float | None) -> None:
@@ -55,6 +59,11 @@ class SlotTable:
             self._mem, index * SLOT_SIZE, 1, flags, time.time(), hard_limit or 0.0,
             task_id.encode()[:64], tag.encode()[:64], name.encode()[:96],
         )
+        if hard_limit and self.notify_fd is not None:
+            try:
+                os.write(self.notify_fd, b"L")
+            except OSError:  # full (the supervisor is awake anyway) or gone
+                pass
 
     def clear(self, index: int) -> None:
         self._mem[index * SLOT_SIZE] = 0

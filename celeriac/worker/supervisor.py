@@ -37,6 +37,9 @@ log = logging.getLogger("celeriac.worker")
 
 MAINTENANCE_EVERY = 5.0  # seconds between checks for dead workers' consumers
 CLEANUP_EVERY = 3600.0  # seconds between expired-result sweeps
+# Longest sleep of the supervision loop, which also reads revoke(terminate=True) requests:
+# so a terminate takes effect within this long. (Hard limits wake it at once: slots.py.)
+MAX_SLEEP = 0.5
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Supervisor:
         processes = 1 if options.pool in ("threads", "solo") else options.concurrency
         self.processes = processes
         self.slots = SlotTable(processes)
+        self.slots.notify_fd = self._wakeup_w.fileno()
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -159,8 +163,7 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT):
                     signal.signal(sig, signal.SIG_DFL)
-                self._wakeup_r.close()
-                self._wakeup_w.close()
+                self._wakeup_r.close()  # the write end stays: see SlotTable.notify_fd
                 multiprocessing.current_process().name = f"Worker-{index + 1}"
                 child = ChildWorker(self.app, self._child_config(index, consumer_id), self.slots)
                 child.install_signals()
@@ -250,7 +253,9 @@ class Supervisor:
                     # is alive, and its messages must not be taken back.
                     self.app.broker.heartbeat([c.consumer_id for c in self.children.values()])
                 if now >= next_maintenance:
-                    next_maintenance = now + MAINTENANCE_EVERY
+                    # A dead worker's messages come back within a sixth of the timeout
+                    # after it expires.
+                    next_maintenance = now + min(MAINTENANCE_EVERY, opts.recovery_timeout / 6)
                     self.app.broker.recover_stale(opts.recovery_timeout)
                 if now >= next_cleanup:
                     next_cleanup = now + CLEANUP_EVERY
@@ -262,7 +267,7 @@ class Supervisor:
                 self._go_cold()
             self._terminate_revoked(revocations.poll())
             wait = self._enforce_time_limits()
-            self._wait(min(wait, opts.heartbeat_interval))
+            self._wait(min(wait, opts.heartbeat_interval, MAX_SLEEP))
             self._reap()
         log.info("celeriac worker %s stopped", opts.hostname)
         return 0

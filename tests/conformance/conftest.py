@@ -23,6 +23,7 @@ import pytest
 from celeriac import backends, brokers
 from celeriac.backends.base import ResultBackend
 from celeriac.brokers.base import Broker, Consumer
+from tests import redis_support
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,34 @@ class Impl:
     leases: bool = False
     # The store drops expired documents itself, so ``cleanup()`` has nothing to do.
     self_expiring: bool = False
+    # Sort key of a priority: lower is served first. Most brokers serve higher numbers
+    # first; Redis follows kombu (lower numbers first, in buckets 0/3/6/9) so Celery
+    # clients and workers on the same queues agree with it.
+    priority_rank: Callable[[int], int] = lambda p: -p
+    # Removes what a test left in a shared server (called with the test's URL).
+    cleanup: Callable[[str], None] | None = None
+
+
+def _redis_url(tmp: Path) -> str:
+    return redis_support.shared_url(prefix=redis_support.new_prefix("conf"))
+
+
+def _kombu_rank(priority: int) -> int:
+    return (0, 0, 0, 3, 3, 3, 6, 6, 6, 9)[min(max(priority, 0), 9)]
 
 
 BROKERS: list[Impl] = [
     Impl("memory", lambda tmp: f"memory://{uuid4().hex}"),
     Impl("sqlite", lambda tmp: f"sqlite:///{tmp}/b.db", cross_process=True, leases=True),
+    Impl("redis", _redis_url, cross_process=True, leases=True, priority_rank=_kombu_rank,
+         cleanup=redis_support.cleanup_url),
 ]
 
 BACKENDS: list[Impl] = [
     Impl("memory", lambda tmp: f"memory://{uuid4().hex}"),
     Impl("sqlite", lambda tmp: f"sqlite:///{tmp}/r.db", cross_process=True),
+    Impl("redis", _redis_url, cross_process=True, self_expiring=True,
+         cleanup=redis_support.cleanup_url),
 ]
 
 
@@ -106,6 +125,8 @@ def _broker_harness(impl: Impl, tmp_path: Path) -> Iterator[BrokerHarness]:
         yield h
     finally:
         h.close()
+        if impl.cleanup is not None:
+            impl.cleanup(url)
 
 
 def _backend_harness(impl: Impl, tmp_path: Path) -> Iterator[BackendHarness]:
@@ -115,6 +136,8 @@ def _backend_harness(impl: Impl, tmp_path: Path) -> Iterator[BackendHarness]:
         yield h
     finally:
         h.close()
+        if impl.cleanup is not None:
+            impl.cleanup(url)
 
 
 @pytest.fixture(params=params(BROKERS))

@@ -1,0 +1,1 @@
+"""A package whose ``tasks`` module holds shared tasks, found by autodiscover_tasks."""

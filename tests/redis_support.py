@@ -1,0 +1,259 @@
+"""Redis for the tests: the shared server, private servers, a connection-cutting proxy.
+
+Tests on the shared server (127.0.0.1:6379) use db ``REDIS_DB`` and a fresh key prefix
+per test (``global_keyprefix``), and delete their keys afterwards; nothing flushes a
+database. Fault tests start a private ``redis-server`` on a free port and stop it by pid.
+A missing Redis is an error, never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import redis
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = int(os.environ.get("CELERIAC_TEST_REDIS_PORT", "6379"))
+REDIS_DB = int(os.environ.get("CELERIAC_TEST_REDIS_DB", "9"))  # bench uses 11 and 12
+INTEROP_DB = int(os.environ.get("CELERIAC_TEST_INTEROP_DB", "10"))
+
+
+def shared_url(db: int = REDIS_DB, prefix: str | None = None) -> str:
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+    return f"{url}?global_keyprefix={prefix}" if prefix else url
+
+
+def new_prefix(tag: str = "t") -> str:
+    return f"celeriac-test-{tag}-{uuid4().hex[:12]}:"
+
+
+def delete_prefix(prefix: str, db: int = REDIS_DB, port: int = REDIS_PORT) -> int:
+    """Delete every key under ``prefix`` (and Celery result keys under it)."""
+    client = redis.Redis(REDIS_HOST, port, db=db)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+    finally:
+        client.close()
+
+
+def cleanup_url(url: str) -> None:
+    """Delete the keys of a test URL made by ``shared_url(prefix=...)``."""
+    if "global_keyprefix=" not in url:
+        return
+    prefix = url.split("global_keyprefix=", 1)[1].split("&", 1)[0]
+    db = int(url.split("?", 1)[0].rsplit("/", 1)[1])
+    delete_prefix(prefix, db)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
+             message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, on a free port, with an append-only file.
+
+    ``appendfsync always``: what Redis acknowledged survives ``restart()`` (SIGTERM) and
+    ``crash()`` (SIGKILL).
+    """
+
+    def __init__(self, directory: Path, *extra: str, port: int | None = None) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert shutil.which("redis-server"), "redis-server is not installed"
+        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", "", "--daemonize", "no", *self.extra],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_for(self.ping, 10, message=f"redis-server on port {self.port}")
+
+    def ping(self) -> bool:
+        try:
+            client = redis.Redis("127.0.0.1", self.port, socket_connect_timeout=0.5)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
+            return False
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis("127.0.0.1", self.port, db=db)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, sig)
+            proc.wait(20)
+        self.proc = None
+
+    def crash(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self, down_for: float = 0.0, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig)
+        if down_for:
+            time.sleep(down_for)  # the outage itself is what is being tested
+        self.start()
+
+
+@contextlib.contextmanager
+def private_redis(directory: Path, *extra: str) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(directory, *extra)
+    try:
+        yield server
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+class CuttingProxy:
+    """A TCP proxy to Redis that can cut every connection through it at once.
+
+    ``cut()`` closes all live connections (clients see a reset mid-stream); new
+    connections are accepted again at once unless ``refuse`` is set.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(256)
+        self.port = self.listener.getsockname()[1]
+        self.refuse = False
+        self.cuts = 0
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refuse or self._stopped:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> int:
+        """Reset every connection now; returns how many were cut."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for s in pair:
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                 b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+        self.cuts += 1
+        return len(pairs)
+
+    def close(self) -> None:
+        self._stopped = True
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self.cut()
+
+
+def consumer_pids(url: str) -> set[int]:
+    """Pids of the consumers registered with a Redis broker at ``url``."""
+    from celeriac.brokers.redis import RedisBroker
+
+    broker = RedisBroker(url)
+    try:
+        info = broker.connector.client.hgetall(broker.info_key)
+    finally:
+        broker.close()
+    pids = set()
+    for value in info.values():
+        pid = value.decode().rpartition("\n")[2]
+        if pid.isdigit():
+            pids.add(int(pid))
+    return pids
+
+
+def wait_worker_ready(worker: Any, url: str, timeout: float = 20.0) -> Any:
+    """Wait until every consuming process of a started worker registered with Redis."""
+
+    def ready() -> bool:
+        if worker.proc.poll() is not None:
+            raise AssertionError(f"worker exited early:\n{worker.log()}")
+        kids = set(worker.children()) or {worker.proc.pid}
+        return len(kids & consumer_pids(url)) >= worker.processes
+
+    wait_for(ready, timeout, interval=0.05, message="worker children to start consuming")
+    return worker
