@@ -304,6 +304,7 @@ class Celery:
                 dict(conf.task_publish_retry_policy) if conf.task_publish_retry
                 else {"max_retries": 0}
             )
+            broker.configure(conf)
             return broker
 
         return self._per_process("broker", make)  # type: ignore[no-any-return]

@@ -177,7 +177,9 @@ class AsyncResult(Generic[R]):
                         parent.get(propagate=True, follow_parents=False,
                                    disable_sync_subtasks=False)
             finally:
-                waiting.close()
+                close = getattr(waiting, "close", None)
+                if close is not None:
+                    close()  # stop waiting on parents that no longer matter
             assert meta is not None
             self._cache = meta
         if on_message is not None:

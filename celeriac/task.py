@@ -55,6 +55,8 @@ class Context:
     shadow: str | None = None
     # Set by a worker: sends to make once this run's outcome is stored (see Task.retry).
     deferred_sends: list[Callable[[], Any]] | None = None
+    # Set by retry() in eager mode: (args, kwargs) of the attempt apply() runs next.
+    eager_retry: tuple[list[Any], dict[str, Any]] | None = None
 
     def __init__(self, **fields: Any) -> None:
         self.__dict__.update(fields)
@@ -144,13 +146,17 @@ class Task(Generic[P, R]):
         stack = _stack()
         running = stack[-1] if stack else None
         if running is not None and not running.called_directly and running.task == self.name:
-            stack.append(Context(**{**running.__dict__, "args": args, "kwargs": kwargs}))
+            request = Context(**{**running.__dict__, "args": args, "kwargs": kwargs})
         else:
-            stack.append(Context(args=args, kwargs=kwargs, called_directly=True, task=self.name))
+            running = None
+            request = Context(args=args, kwargs=kwargs, called_directly=True, task=self.name)
+        stack.append(request)
         try:
             return self.run(*args, **kwargs)
         finally:
             stack.pop()
+            if running is not None and request.eager_retry is not None:
+                running.eager_retry = request.eager_retry  # what apply() looks at
 
     @property
     def request(self) -> Context:
@@ -215,14 +221,14 @@ class Task(Generic[P, R]):
         )
 
     def _check_arguments(self, args: Sequence[Any] | None, kwargs: dict[str, Any] | None) -> None:
-        sig = type(self).__dict__.get("_signature_cache")
+        sig: inspect.Signature | bool | None = type(self).__dict__.get("_signature_cache")
         if sig is None:
             try:
                 sig = inspect.signature(self.run)
             except (TypeError, ValueError):  # a builtin or C function: nothing to check
                 sig = False
             type.__setattr__(type(self), "_signature_cache", sig)
-        if sig is not False:
+        if isinstance(sig, inspect.Signature):
             try:
                 sig.bind(*(args or ()), **(kwargs or {}))
             except TypeError as exc:

@@ -272,7 +272,7 @@ def apply_eagerly(
         outcome = execute(app, task, request, eager=True)
         if outcome.meta is not None and app.conf.task_store_eager_result:
             app.backend.store([outcome.meta])
-        pending = request.__dict__.get("eager_retry")
+        pending = request.eager_retry
         if outcome.state != states.RETRY or pending is None:
             break
         # As Celery's apply(): the next attempt runs once this one has returned (not

@@ -353,3 +353,22 @@ def test_unexpected_errors_are_one_line_unless_asked(tmp_path: Path, db_url: str
     assert shown.returncode != 0
     assert "Traceback (most recent call last)" in shown.stderr
     assert "exploding_router" in shown.stderr
+
+
+def test_console_script_finds_an_app_in_the_working_directory(tmp_path: Path) -> None:
+    proj = tmp_path / "proj_dir"
+    proj.mkdir()
+    (proj / "localapp.py").write_text(
+        "from celeriac import Celery\n"
+        "app = Celery('localapp', broker='sqlite:///local.db')\n"
+        "@app.task\n"
+        "def hello():\n"
+        "    return 'hi'\n")
+    out = ok(run("-A", "localapp", "call", "localapp.hello", cwd=proj, script=True))
+    assert UUID_RE.match(out.strip())
+    assert (proj / "local.db").exists()
+    # --workdir changes directory first.
+    out = ok(run("--workdir", str(proj), "-A", "localapp", "call", "localapp.hello",
+                 cwd=tmp_path, script=True))
+    assert UUID_RE.match(out.strip())
+    assert not (tmp_path / "local.db").exists()

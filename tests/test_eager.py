@@ -162,3 +162,17 @@ def test_update_state_in_eager_mode(app: Celery) -> None:
         return app.AsyncResult(self.request.id).state
 
     assert progress.delay().get() == "PROGRESS"
+
+
+def test_eager_retry_through_a_custom_call(app: Celery) -> None:
+    class Wrapping(Task):  # type: ignore[type-arg]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return super().__call__(*args, **kwargs)
+
+    @app.task(base=Wrapping, bind=True, max_retries=3)
+    def flaky(self: Task) -> int:  # type: ignore[type-arg]
+        if self.request.retries < 2:
+            raise self.retry(countdown=0)
+        return self.request.retries
+
+    assert flaky.delay().get() == 2

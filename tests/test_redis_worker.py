@@ -76,8 +76,9 @@ def test_tasks_run_and_results_come_back(app: Celery, start: Callable[..., Worke
     broker = broker_of(app)
     assert broker.queue_size("celery") == 0
     # Everything was acked: nothing is left in any consumer's in-flight hash.
-    assert list(raw(app).scan_iter(match=f"{broker.prefix}celeriac.inflight.*")) == [] or all(
-        raw(app).hlen(k) == 0 for k in raw(app).scan_iter(match=f"{broker.prefix}celeriac.inflight.*"))
+    client = raw(app)
+    inflight = list(client.scan_iter(match=f"{broker.prefix}celeriac.inflight.*"))
+    wait_for(lambda: sum(client.hlen(k) for k in inflight) == 0, message="the last acks")
     assert worker.proc.poll() is None
 
 
@@ -181,7 +182,7 @@ def test_warm_shutdown_gives_back_prefetched(app: Celery, start: Callable[..., W
     wait_for(lambda: lines(d, "runs"), message="the first task to start")
     worker.signal(15)
     (Path(d) / "hold").unlink()
-    assert worker.stop() == 0
+    assert worker.proc.wait(30) == 0
     # The running one finished; the prefetched ones went back to the queue.
     assert results[0].get(timeout=10) == 0
     broker = broker_of(app)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -12,7 +13,7 @@ import pytest
 from celeriac import Celery, GroupResult, ResultSet, group, states
 from celeriac.exceptions import RemoteTaskError, TaskRevokedError, TimeoutError
 from celeriac.protocol.errors import exception_from_dict, exception_to_dict
-from celeriac.result import EagerResult
+from celeriac.result import AsyncResult, EagerResult
 from celeriac.trace import build_meta
 from tests.apps import api
 from tests.conftest import bind_app, wait_for
@@ -82,6 +83,8 @@ def test_result_handles_compare_by_id(app: Celery) -> None:
 def test_success_document_and_accessors(app: Celery) -> None:
     store(app, "ok", states.SUCCESS, {"answer": 42})
     doc = app.backend.get("ok")
+    (raw,) = app.backend._fetch(["celery-task-meta-ok"])  # Celery's key
+    assert json.loads(raw) == doc
     assert set(doc) == DOC_KEYS
     assert doc["status"] == "SUCCESS" and doc["result"] == {"answer": 42}
     assert doc["traceback"] is None and doc["children"] == [] and doc["task_id"] == "ok"
@@ -328,6 +331,10 @@ def test_group_result_save_restore_delete(app: Celery) -> None:
     children = [app.AsyncResult(f"child-{i}") for i in range(3)]
     saved = GroupResult("gid-1", children, app=app).save()
     assert saved.id == "gid-1"
+    # Celery's document under Celery's key (PROTOCOL.md §4.4).
+    (raw,) = app.backend._fetch(["celery-taskset-meta-gid-1"])
+    assert json.loads(raw) == {"result": [["gid-1", None], [
+        [["child-0", None], None], [["child-1", None], None], [["child-2", None], None]]]}
     restored = GroupResult.restore("gid-1", app=app)
     assert isinstance(restored, GroupResult)
     assert restored.id == "gid-1"
@@ -393,3 +400,42 @@ def test_eager_result(app: Celery) -> None:
     bad.forget()  # nothing to forget; must not fail
     assert app.backend.get(bad.id) is None  # eager results are not stored by default
     assert repr(ok) == f"<EagerResult: {ok.id}>"
+
+
+# -- following parents (chains) ------------------------------------------------------------
+
+
+def test_get_raises_a_failed_parents_error_instead_of_waiting(app: Celery) -> None:
+    first, second = app.AsyncResult("step-1"), app.AsyncResult("step-2")
+    third = AsyncResult("step-3", app=app, parent=second)
+    second.parent = first
+    store(app, "step-1", states.FAILURE, exception_to_dict(KeyError("first step broke")))
+    started = time.monotonic()
+    with pytest.raises(KeyError, match="first step broke"):
+        third.get(timeout=10)
+    assert time.monotonic() - started < 5
+    # Without following parents (or without propagating) it waits for itself.
+    with pytest.raises(TimeoutError):
+        third.get(timeout=0.3, follow_parents=False)
+    with pytest.raises(TimeoutError):
+        third.get(timeout=0.3, propagate=False)
+    # Parents that succeed do not stop the wait; the task's own result is returned.
+    store(app, "step-1", states.SUCCESS, 1)
+    store(app, "step-2", states.SUCCESS, 2)
+    store(app, "step-3", states.SUCCESS, 3)
+    assert AsyncResult("step-3", app=app, parent=second).get(timeout=5) == 3
+
+
+def test_chain_with_a_failing_step_raises_through_a_worker(db_url: str,  # type: ignore[no-untyped-def]
+                                                           start_worker) -> None:
+    from celeriac import chain
+
+    app = bind_app(api.app, db_url)
+    start_worker(app)
+    result = chain(api.raise_builtin.s("ZeroDivisionError", "step one"), api.add.s(1)).delay()
+    with pytest.raises(ZeroDivisionError, match="step one"):
+        result.get(timeout=20)
+    assert result.state == states.PENDING  # the second step never ran
+    ok = chain(api.add.s(1, 1), api.add.s(10), api.add.s(100)).delay()
+    assert ok.get(timeout=20) == 112
+    assert ok.parent is not None and ok.parent.get(timeout=5) == 12

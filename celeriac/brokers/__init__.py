@@ -11,6 +11,9 @@ from celeriac.exceptions import ImproperlyConfigured
 SCHEMES: dict[str, str] = {
     "memory": "celeriac.brokers.memory:MemoryBroker",
     "sqlite": "celeriac.brokers.sqlite:SQLiteBroker",
+    "amqp": "celeriac.brokers.amqp:AMQPBroker",
+    "amqps": "celeriac.brokers.amqp:AMQPBroker",
+    "pyamqp": "celeriac.brokers.amqp:AMQPBroker",
     "redis": "celeriac.brokers.redis:RedisBroker",
     "rediss": "celeriac.brokers.redis:RedisBroker",
     "sentinel": "celeriac.brokers.redis:RedisBroker",

@@ -70,6 +70,13 @@ class Consumer(ABC):
     def wake(self) -> None:  # noqa: B027 - optional
         """Make a blocked ``fetch`` return early; safe from a signal handler or thread."""
 
+    def started(self, delivery: Delivery, requeue_if_lost: bool) -> None:  # noqa: B027
+        """The delivery's task starts now (called from the thread that runs it).
+
+        Brokers whose server takes back everything a dead consumer's connection held
+        (AMQP) ack here a message that must not run again if this process dies.
+        """
+
     @abstractmethod
     def close(self) -> None:
         """Stop consuming; deliveries not acked go back to their queues."""
@@ -152,6 +159,9 @@ class Broker(ABC):
 
     def heartbeat(self, consumer_ids: Sequence[str]) -> None:  # noqa: B027 - optional
         """Mark these consumers alive (a supervisor beats for its children)."""
+
+    def configure(self, conf: Any) -> None:  # noqa: B027 - optional
+        """Read the app's settings that concern this broker (called once, after connect)."""
 
     def close(self) -> None:  # noqa: B027
         """Release connections."""

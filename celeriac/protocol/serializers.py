@@ -110,7 +110,7 @@ def json_dumps(obj: Any) -> bytes:
             # orjson refuses big ints; the stdlib does not.
             return json.dumps(obj, default=_json_default).encode()
         raise
-    if _UUID_TEXT.search(data) is not None:
+    if b"-" in data and _UUID_TEXT.search(data) is not None:
         # orjson writes a UUID as a plain string, kombu as a tagged object that decodes
         # back to a UUID. Only output holding a UUID-shaped string can contain one, so
         # the walk that tags them is paid for only then.

@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,8 @@ from celeriac.worker.handler import ACK, PARKED, REQUEUE, MessageHandler, Settle
 from celeriac.worker.slots import SlotTable
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from celeriac.app import Celery
 
 log = logging.getLogger("celeriac.worker")
@@ -92,7 +93,13 @@ class ChildWorker:
         handler.rate_divisor = cfg.rate_divisor
         consumer = self._consumer = broker.consumer(cfg.queues, cfg.consumer_id)
         revocations = self._revocations = broker.subscribe(REVOKE_CHANNEL)
-        pool = ThreadPoolExecutor(cfg.threads, "celeriac-task") if cfg.pool == "threads" else None
+        pool = None
+        if cfg.pool == "threads":
+            # Imported here: the prefork children (and the supervisor they fork from) never
+            # need it, and every module loaded before the fork is paid for in each RSS.
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(cfg.threads, "celeriac-task")
         capacity = cfg.threads if pool is not None else 1
         stop_maintenance = threading.Event()
         if cfg.maintenance:

@@ -1,0 +1,1227 @@
+"""RabbitMQ (AMQP 0-9-1): Celery's topology and message format, durable by default.
+
+Topology (what Celery 5.7 declares, docs/amqp.md): a durable queue per task queue, a
+durable direct exchange of the same name bound with the queue name as routing key, and
+messages published to the default exchange with the queue name as routing key. Messages
+are persistent, every publish waits for the publisher confirm, consumers ack manually.
+
+How the broker interface maps onto RabbitMQ:
+
+* ``fetch(n)``: ``basic.qos(n)`` + ``basic.consume`` (no-wait) on each queue, the deliveries,
+  then ``basic.cancel``. A consumer holds only what it fetched: nothing streams into a
+  local buffer between fetches, so priorities, ``queue_size`` and ``purge`` stay exact
+  and a long task never holds other messages hostage. When a fetch fills its batch the
+  cancel needs no reply, so a busy consumer pays no extra round trip.
+* Delivery counts: RabbitMQ only says "redelivered". A message that comes back after its
+  consumer's connection died is republished with the count in a header
+  (``x-celeriac-deliveries``) and the original acked, so the count survives further
+  crashes; returns that must not count (reject with requeue, close, park) republish the
+  message unchanged and ack the original (``basic.reject(requeue)`` would mark it
+  redelivered).
+* Delays (ETA, countdown, ``park``): per-queue delay tiers ``celeriac.delay.<queue>.<k>``,
+  each with a queue TTL of 2**k ms that dead-letters back to the queue. A message waits in
+  the largest tier not longer than its remaining time, and the consumer that receives it
+  early puts it in the next tier; the last few milliseconds it waits in the consumer.
+  Tiers have a fixed TTL, so they expire strictly in order (per-message TTLs would not).
+* A dead consumer: its connection closes and RabbitMQ requeues what it held. So
+  ``recover``/``recover_stale`` have nothing to do across processes; within a process
+  ``recover`` settles a consumer that is still connected (tests, solo workers).
+* Broadcast: a fanout exchange per channel; a stream queue keeps recent broadcasts for
+  late subscribers; each subscriber reads the stream once, then its own exclusive queue.
+* Dead letters: the durable queue ``celeriac.dead_letters`` behind the fanout exchange
+  ``celeriac.dlx`` (also usable as ``x-dead-letter-exchange`` of your queues).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from celeriac.brokers import amqp_client as wire
+from celeriac.brokers.amqp_client import (
+    AMQPError,
+    Channel,
+    ChannelClosed,
+    Connection,
+    ConnectionLost,
+    Incoming,
+    Params,
+)
+from celeriac.brokers.base import (
+    Broker,
+    Consumer,
+    DeadLetter,
+    Delivery,
+    Subscriber,
+    new_consumer_id,
+)
+from celeriac.exceptions import ImproperlyConfigured
+from celeriac.protocol.message import Message
+
+log = logging.getLogger("celeriac.amqp")
+
+# Our headers (stripped before a message is handed out).
+H_PROPS = "x-celeriac-props"  # {"extra": non-AMQP properties, "added": [names we set]}
+H_COUNT = "x-celeriac-deliveries"  # counted deliveries before this one
+H_DUE = "x-celeriac-not-before"  # epoch seconds: not to be handed out before
+H_EXPIRATION = "x-celeriac-expiration"  # the expiration property, set aside while delayed
+H_SAVED_DEATH = "x-celeriac-death"  # x-death headers the message had before it was delayed
+H_DEAD = "x-celeriac-dead-letter"  # {"id", "queue", "reason", "time"}
+H_EXPIRES = "x-celeriac-expires"  # broadcasts: epoch seconds
+H_BID = "x-celeriac-bid"  # broadcasts: id
+H_MARKER = "x-celeriac-marker"  # broadcasts: a subscriber's end-of-replay marker
+DEATH_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
+                 "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue",
+                 "x-last-death-reason", "x-delivery-count")
+
+DEAD_LETTER_QUEUE = "celeriac.dead_letters"
+DEAD_LETTER_EXCHANGE = "celeriac.dlx"
+DELAY_PREFIX = "celeriac.delay."
+BROADCAST_PREFIX = "celeriac.broadcast."
+MIN_TIER, MAX_TIER = 5, 32  # 32 ms .. 49.7 days per hop
+HOLD_WINDOW = 0.05  # due this soon: the consumer keeps it rather than another hop
+EARLY_SLACK = 0.0005
+
+DEFAULT_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2,
+                        "interval_max": 0.2}
+
+_CONSUMERS: weakref.WeakValueDictionary[str, AMQPConsumer] = weakref.WeakValueDictionary()
+
+
+def tier_name(queue: str, k: int) -> str:
+    return f"{DELAY_PREFIX}{queue}.{k}"
+
+
+def tier_for(remaining: float) -> int:
+    return max(MIN_TIER, min(MAX_TIER, int(math.log2(max(remaining * 1000.0, 1.0)))))
+
+
+def _opt_bool(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+
+
+# -- messages <-> AMQP ---------------------------------------------------------------------------
+
+
+def to_wire(message: Message, extra_headers: dict[str, Any] | None = None,
+            persistent: bool = True) -> tuple[dict[str, Any], bytes]:
+    """AMQP properties for ``message`` (non-AMQP properties ride in a header)."""
+    headers = dict(message.headers)
+    props: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in message.properties.items():
+        if key in wire.PROPERTY_NAMES and key != "headers" and _fits(key, value):
+            props[key] = value
+        else:
+            extra[key] = value
+    added = []
+    if persistent and props.get("delivery_mode") is None:
+        props["delivery_mode"] = 2
+        added.append("delivery_mode")
+    if extra or added:
+        headers[H_PROPS] = {"extra": extra, "added": added}
+    if extra_headers:
+        headers.update(extra_headers)
+    props["content_type"] = message.content_type
+    props["content_encoding"] = message.content_encoding
+    props["headers"] = headers
+    return props, message.body
+
+
+def _fits(key: str, value: Any) -> bool:
+    if value is None:
+        return False
+    if key in ("delivery_mode", "priority"):
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255
+    if key == "timestamp":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, str) and len(value.encode()) <= 255
+
+
+def from_wire(props: dict[str, Any], body: bytes) -> tuple[Message, dict[str, Any]]:
+    """The Message, and our own headers taken out of it."""
+    headers = props.pop("headers", None) or {}
+    ours: dict[str, Any] = {}
+    for key in [k for k in headers if k.startswith("x-celeriac-")]:
+        ours[key] = headers.pop(key)
+    content_type = props.pop("content_type", None) or "application/json"
+    content_encoding = props.pop("content_encoding", None) or "utf-8"
+    packed = ours.get(H_PROPS)
+    if packed:
+        for name in packed.get("added") or ():
+            props.pop(name, None)
+        props.update(packed.get("extra") or {})
+    return Message(headers, props, body, content_type, content_encoding), ours
+
+
+def _strip_delay(message: Message, ours: dict[str, Any]) -> None:
+    """Undo what the trip through the delay tiers added."""
+    for key in DEATH_HEADERS:
+        message.headers.pop(key, None)
+    saved = ours.get(H_SAVED_DEATH)
+    if saved:
+        message.headers.update(saved)
+    expiration = ours.get(H_EXPIRATION)
+    if expiration is not None:
+        message.properties["expiration"] = expiration
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+class QueueOptions:
+    """How new queues are declared (existing queues are used as they are)."""
+
+    def __init__(self) -> None:
+        self.max_priority: int | None = None
+        self.queue_type: str | None = None  # "classic" | "quorum"
+        self.arguments: dict[str, Any] = {}
+        self.dead_letter_exchange = False
+        self.durable = True
+        self.per_queue: dict[str, dict[str, Any]] = {}  # from task_queues
+
+    def for_queue(self, queue: str) -> tuple[dict[str, Any], bool]:
+        spec = self.per_queue.get(queue, {})
+        args: dict[str, Any] = dict(self.arguments)
+        max_priority = spec.get("max_priority", self.max_priority)
+        if max_priority:
+            args["x-max-priority"] = int(max_priority)
+        queue_type = spec.get("queue_type", self.queue_type)
+        if queue_type and queue_type != "classic":
+            args["x-queue-type"] = queue_type
+            args.pop("x-max-priority", None)  # quorum queues have no priorities
+        if self.dead_letter_exchange:
+            args.setdefault("x-dead-letter-exchange", DEAD_LETTER_EXCHANGE)
+        args.update(spec.get("arguments") or {})
+        return args, bool(spec.get("durable", self.durable))
+
+
+class Topology:
+    """What one connection has declared (kept per connection: a new one declares again)."""
+
+    def __init__(self) -> None:
+        self.queues: set[str] = set()
+        self.tiers: dict[str, float] = {}  # tier name -> when declared
+        self.exchanges: set[str] = set()
+
+
+# -- the broker ----------------------------------------------------------------------------------
+
+
+class AMQPBroker(Broker):
+    def __init__(self, url: str = "amqp://", **options: Any) -> None:
+        self.url = url
+        self.options = options
+        base, _, query = url.partition("?")
+        qopts = dict(p.split("=", 1) for p in query.split("&") if "=" in p) if query else {}
+        self.queue_options = QueueOptions()
+        self._apply_options({**qopts, **options})
+        self.ssl_options = options.get("ssl")
+        self._params = wire.parse_url(
+            ";".join(u for u in url.split(";")), self.ssl_options,
+            heartbeat=_float_or_none(options.get("heartbeat")),
+            connect_timeout=_float_or_none(options.get("connect_timeout")),
+        )
+        if options.get("publish_retry_policy"):
+            self.publish_retry_policy = dict(options["publish_retry_policy"])
+        self._lock = threading.RLock()
+        self._conn: Connection | None = None
+        self._ch: Channel | None = None
+        self._topology = Topology()
+        self._address = 0
+        self._pid = os.getpid()
+        self.exchanges: dict[str, tuple[str, str]] = {}  # queue -> (exchange, routing key)
+
+    def _apply_options(self, opts: dict[str, Any]) -> None:
+        qo = self.queue_options
+        for key in ("max_priority", "x-max-priority", "queue_max_priority"):
+            if opts.get(key) not in (None, ""):
+                qo.max_priority = int(opts[key])
+        for key in ("queue_type", "x-queue-type"):
+            if opts.get(key):
+                qo.queue_type = str(opts[key])
+        if opts.get("queue_arguments"):
+            qo.arguments.update(opts["queue_arguments"])
+        if "dead_letter_exchange" in opts:
+            qo.dead_letter_exchange = _opt_bool(opts["dead_letter_exchange"])
+
+    def configure(self, conf: Any) -> None:
+        """Settings from the app (the transport options given to the broker win)."""
+        qo = self.queue_options
+        opts = self.options
+        if conf.get("task_queue_max_priority") and "max_priority" not in opts:
+            qo.max_priority = int(conf["task_queue_max_priority"])
+        if conf.get("task_default_queue_type") and "queue_type" not in opts:
+            qo.queue_type = str(conf["task_default_queue_type"])
+        heartbeat = conf.get("broker_heartbeat")
+        timeout = conf.get("broker_connection_timeout")
+        use_ssl = conf.get("broker_use_ssl")
+        for p in self._params:
+            if heartbeat is not None and "heartbeat" not in opts and "heartbeat=" not in self.url:
+                p.heartbeat = float(heartbeat)
+            if timeout is not None and "connect_timeout" not in opts:
+                p.connect_timeout = float(timeout)
+            if use_ssl and p.ssl is None:
+                p.ssl = wire.make_ssl_context(use_ssl)
+                p.server_hostname = p.host
+        queues = conf.get("task_queues")
+        if queues:
+            from celeriac.brokers.amqp_routing import queue_specs
+
+            for spec in queue_specs(queues):
+                qo.per_queue[spec["name"]] = spec
+                if spec.get("exchange") is not None:
+                    self.exchanges[spec["name"]] = (spec["exchange"], spec["routing_key"])
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def new_connection(self) -> Connection:
+        conn, self._address = wire.connect_any(self._params, self._address)
+        return conn
+
+    def _channel(self) -> Channel:
+        """The publishing channel (confirm mode), connecting if needed. Hold ``_lock``."""
+        if os.getpid() != self._pid:  # forked: the parent's socket is not ours
+            if self._conn is not None:
+                self._conn.abort()
+            self._conn = self._ch = None
+            self._pid = os.getpid()
+        ch = self._ch
+        if ch is not None and ch.is_open and not ch.conn.closed:
+            return ch
+        if self._conn is None or self._conn.closed:
+            self._conn = self.new_connection()
+            self._topology = Topology()
+        ch = self._conn.channel()
+        ch.confirm_select()
+        self._ch = ch
+        return ch
+
+    def _retrying(self, action: Callable[[Channel], Any], what: str,
+                  policy: dict[str, float] | None = None) -> Any:
+        """Run ``action`` on the publishing channel; on connection loss reconnect and retry."""
+        policy = policy or self.publish_retry_policy or DEFAULT_RETRY_POLICY
+        retries = int(policy.get("max_retries", 3) or 0)
+        interval = float(policy.get("interval_start", 0) or 0)
+        step = float(policy.get("interval_step", 0.2) or 0)
+        cap = float(policy.get("interval_max", 0.2) or 0)
+        attempt = 0
+        while True:
+            with self._lock:
+                try:
+                    ch = self._channel()
+                    return action(ch)
+                except ChannelClosed as exc:
+                    self._ch = None
+                    self._topology = Topology()
+                    if attempt >= 1:
+                        raise
+                    log.debug("%s: channel closed (%s); retrying on a new channel", what, exc)
+                except (ConnectionLost, TimeoutError) as exc:
+                    self._drop_connection()
+                    if attempt >= retries:
+                        raise ConnectionLost(f"{what}: {exc}") from exc
+                    log.warning("%s: %s; retrying (%s/%s)", what, exc, attempt + 1, retries)
+            attempt += 1
+            if interval > 0:
+                time.sleep(interval)
+            interval = min(cap, interval + step) if cap else interval + step
+
+    def _drop_connection(self) -> None:
+        conn, self._conn, self._ch = self._conn, None, None
+        if conn is not None:
+            conn.abort()
+        self._topology = Topology()
+
+    # -- declarations --------------------------------------------------------------------------
+
+    def declare_queue(self, ch: Channel, queue: str, topology: Topology) -> None:
+        """The queue, as Celery declares it; an existing queue is used as it is."""
+        if queue in topology.queues:
+            return
+        args, durable = self.queue_options.for_queue(queue)
+        exchange, routing_key = self.exchanges.get(queue, (queue, queue))
+        frames = [ch.f_queue_declare(queue, durable=durable, arguments=args or None)]
+        if exchange and exchange not in topology.exchanges:
+            kind = self.queue_options.per_queue.get(queue, {}).get("exchange_type", "direct")
+            frames.insert(0, ch.f_exchange_declare(exchange, kind, durable=True))
+        if exchange:
+            frames.append(ch.f_queue_bind(queue, exchange, routing_key))
+        ch.conn.send(b"".join(frames))
+        try:
+            if exchange and exchange not in topology.exchanges:
+                ch._expect([wire.EXCHANGE_DECLARE_OK])
+                topology.exchanges.add(exchange)
+            ch._expect([wire.QUEUE_DECLARE_OK])
+            if exchange:
+                ch._expect([wire.QUEUE_BIND_OK])
+        except ChannelClosed as exc:
+            if exc.code != wire.PRECONDITION_FAILED:
+                raise
+            # Declared before with other arguments (by Celery, or with other settings):
+            # use it as it is.
+            log.info("queue %r exists with other arguments (%s); using it as it is",
+                     queue, exc.text)
+            ch2 = ch.conn.channel()
+            try:
+                ch2.queue_declare(queue, passive=True)
+            finally:
+                ch2.close()
+            raise _Redo() from exc
+        topology.queues.add(queue)
+
+    def _ensure_queue(self, ch: Channel, queue: str, topology: Topology) -> Channel:
+        """Declare ``queue`` on ``ch``'s connection; returns the channel to go on with."""
+        try:
+            self.declare_queue(ch, queue, topology)
+            return ch
+        except _Redo:
+            topology.queues.add(queue)
+            return _reopen(ch)
+
+    def declare_tier(self, ch: Channel, queue: str, k: int, topology: Topology) -> str:
+        name = tier_name(queue, k)
+        declared = topology.tiers.get(name)
+        ttl_ms = 2 ** k
+        expires_ms = 2 * ttl_ms + 3_600_000
+        # Re-declare before the queue could expire as unused (x-expires counts from then).
+        if declared is None or time.monotonic() - declared > (expires_ms - ttl_ms) / 2000:
+            ch.queue_declare(name, durable=True, arguments={
+                "x-message-ttl": ttl_ms, "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue, "x-expires": expires_ms})
+            topology.tiers[name] = time.monotonic()
+        return name
+
+    def declare_dead_letters(self, ch: Channel, topology: Topology) -> None:
+        if DEAD_LETTER_QUEUE in topology.queues:
+            return
+        ch.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True)
+        ch.queue_declare(DEAD_LETTER_QUEUE, durable=True)
+        ch.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "")
+        topology.queues.add(DEAD_LETTER_QUEUE)
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def publish(
+        self, queue: str, messages: Sequence[Message], *, not_before: float | None = None
+    ) -> None:
+        if not messages:
+            return
+
+        def action(ch: Channel) -> None:
+            publish_on(self, ch, self._topology, queue, messages, not_before)
+
+        self._retrying(action, f"publish to {queue!r}")
+
+    def publish_raw(self, exchange: str, routing_key: str, messages: Sequence[Message]) -> None:
+        """Publish to an exchange (routing: topic/fanout exchanges of ``task_queues``)."""
+
+        def action(ch: Channel) -> None:
+            frames = [ch.f_publish(exchange, routing_key, body, props)
+                      for props, body in (to_wire(m) for m in messages)]
+            ch.publish_confirmed(frames, len(frames))
+
+        self._retrying(action, f"publish to exchange {exchange!r}")
+
+    # -- consuming -----------------------------------------------------------------------------
+
+    def consumer(self, queues: Sequence[str], consumer_id: str | None = None) -> Consumer:
+        return AMQPConsumer(self, list(queues), consumer_id or new_consumer_id())
+
+    def recover(
+        self, consumer_id: str, running_tag: str | None = None, requeue_running: bool = True
+    ) -> int:
+        consumer = _CONSUMERS.get(consumer_id)
+        if consumer is None:
+            # Another process's consumer: its connection closed with it, and RabbitMQ has
+            # already put back what it held.
+            return 0
+        return consumer.recover(running_tag, requeue_running)
+
+    def recover_stale(self, timeout: float) -> int:
+        return 0  # RabbitMQ takes back what a dead connection held, at once
+
+    # -- queues -------------------------------------------------------------------------------
+
+    def _probe(self, names: Sequence[str], op: str) -> list[int]:
+        def action(ch: Channel) -> list[int]:
+            def build(name: str) -> Callable[[Channel], bytes]:
+                if op == "purge":
+                    return lambda c: c._method_frame(50, 30, b"\x00\x00" + wire._shortstr(name)
+                                                     + b"\x00")
+                return lambda c: c.f_queue_declare(name, passive=True)
+
+            reply = wire.QUEUE_PURGE_OK if op == "purge" else wire.QUEUE_DECLARE_OK
+            results = ch.conn.probe([build(n) for n in names], reply)
+            counts = []
+            for name, res in zip(names, results, strict=True):
+                if isinstance(res, ChannelClosed):
+                    if res.code != wire.NOT_FOUND:
+                        raise res
+                    counts.append(0)
+                elif op == "purge":
+                    counts.append(wire._U32.unpack_from(res, 4)[0])
+                else:
+                    _q, off = wire._read_shortstr(res, 4)
+                    counts.append(wire._U32.unpack_from(res, off)[0])
+                if op == "purge":
+                    self._topology.tiers.pop(name, None)
+            return counts
+
+        result: list[int] = self._retrying(action, f"{op} {names[0]!r}")
+        return result
+
+    def _with_tiers(self, queue: str) -> list[str]:
+        return [queue, *(tier_name(queue, k) for k in range(MIN_TIER, MAX_TIER + 1))]
+
+    def queue_size(self, queue: str) -> int:
+        return sum(self._probe(self._with_tiers(queue), "declare"))
+
+    def purge(self, queue: str) -> int:
+        return sum(self._probe(self._with_tiers(queue), "purge"))
+
+    # -- dead letters --------------------------------------------------------------------------
+
+    def dead_letter(self, message: Message, queue: str, reason: str) -> None:
+        info = {"id": uuid.uuid4().hex, "queue": queue, "reason": reason, "time": time.time()}
+
+        def action(ch: Channel) -> None:
+            self.declare_dead_letters(ch, self._topology)
+            props, body = to_wire(message, {H_DEAD: info})
+            props.pop("expiration", None)
+            if message.properties.get("expiration") is not None:
+                props["headers"][H_EXPIRATION] = message.properties["expiration"]
+            ch.publish_confirmed([ch.f_publish("", DEAD_LETTER_QUEUE, body, props, True)], 1)
+
+        self._retrying(action, "dead-letter")
+
+    def _browse_dead(self, ch: Channel, limit: int | None) -> list[tuple[Incoming, DeadLetter]]:
+        """Read dead letters without removing them (caller acks or nacks them after)."""
+        self.declare_dead_letters(ch, self._topology)
+        found = []
+        while limit is None or len(found) < limit:
+            got = ch.get(DEAD_LETTER_QUEUE)
+            if got is None:
+                break
+            found.append((got, _dead_letter_of(got)))
+        return found
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        def action(ch: Channel) -> list[DeadLetter]:
+            found = self._browse_dead(ch, limit)
+            if found:
+                ch.conn.send(ch.f_nack(found[-1][0].delivery_tag, multiple=True, requeue=True))
+            return [dl for _, dl in found]
+
+        result: list[DeadLetter] = self._retrying(action, "list dead letters")
+        return result
+
+    def _settle_dead(self, ids: Sequence[str] | None, replay: bool) -> int:
+        if ids is not None and not ids:
+            return 0
+
+        def action(ch: Channel) -> int:
+            found = self._browse_dead(ch, None)
+            wanted = set(ids) if ids is not None else None
+            chosen = [(inc, dl) for inc, dl in found if wanted is None or dl.id in wanted]
+            if replay and chosen:
+                by_queue: dict[str, list[Message]] = {}
+                for _, dl in chosen:
+                    by_queue.setdefault(dl.queue, []).append(dl.message)
+                for queue, msgs in by_queue.items():
+                    publish_on(self, ch, self._topology, queue, msgs, None)
+            frames = []
+            chosen_tags = {inc.delivery_tag for inc, _ in chosen}
+            for inc, _ in found:
+                if inc.delivery_tag in chosen_tags:
+                    frames.append(ch.f_ack(inc.delivery_tag))
+                else:
+                    frames.append(ch.f_nack(inc.delivery_tag, requeue=True))
+            if frames:
+                ch.conn.send(b"".join(frames))
+                ch.qos(0)  # a round trip: the acks are through before we return
+            return len(chosen)
+
+        result: int = self._retrying(action, "settle dead letters")
+        return result
+
+    def replay_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        return self._settle_dead(ids, replay=True)
+
+    def purge_dead_letters(self, ids: Sequence[str] | None = None) -> int:
+        return self._settle_dead(ids, replay=False)
+
+    # -- broadcast ----------------------------------------------------------------------------
+
+    def declare_broadcast(self, ch: Channel, channel: str, topology: Topology) -> tuple[str, str]:
+        exchange = BROADCAST_PREFIX + channel
+        stream = exchange + ".log"
+        if stream not in topology.queues:
+            ch.exchange_declare(exchange, "fanout", durable=True)
+            ch.queue_declare(stream, durable=True, arguments={
+                "x-queue-type": "stream", "x-max-age": "7D",
+                "x-stream-max-segment-size-bytes": 1_000_000})
+            ch.queue_bind(stream, exchange, "")
+            topology.queues.add(stream)
+        return exchange, stream
+
+    def broadcast(self, channel: str, payload: dict[str, Any], ttl: float) -> None:
+        body = orjson.dumps(payload, default=str)
+
+        def action(ch: Channel) -> None:
+            exchange, _ = self.declare_broadcast(ch, channel, self._topology)
+            props = {"content_type": "application/json", "content_encoding": "utf-8",
+                     "delivery_mode": 2,
+                     "headers": {H_EXPIRES: time.time() + ttl, H_BID: uuid.uuid4().hex}}
+            ch.publish_confirmed([ch.f_publish(exchange, "", body, props)], 1)
+
+        self._retrying(action, f"broadcast on {channel!r}")
+
+    def subscribe(self, channel: str) -> Subscriber:
+        return AMQPSubscriber(self, channel)
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn, self._ch = self._conn, None, None
+            if conn is not None and os.getpid() == self._pid:
+                conn.close()
+
+
+class _Redo(Exception):
+    """The channel was closed by a failed declaration: go on with a new one."""
+
+
+def _reopen(ch: Channel) -> Channel:
+    conn = ch.conn
+    new = conn.channel()
+    if ch.confirming:
+        new.confirm_select()
+    return new
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+def publish_on(broker: AMQPBroker, ch: Channel, topology: Topology, queue: str,
+               messages: Sequence[Message], not_before: float | None,
+               extra: Sequence[dict[str, Any] | None] | None = None) -> Channel:
+    """Publish to ``queue`` (or its delay tiers) on ``ch`` and wait for the confirms."""
+    new_ch = broker._ensure_queue(ch, queue, topology)
+    if new_ch is not ch:
+        if broker._ch is ch:
+            broker._ch = new_ch
+        ch = new_ch
+    now = time.time()
+    delayed = not_before is not None and not_before - now > EARLY_SLACK
+    frames: list[bytes] = []
+    for i, message in enumerate(messages):
+        headers = dict(extra[i] or {}) if extra else {}
+        if delayed:
+            assert not_before is not None
+            frames.append(_delay_frame(broker, ch, topology, queue, message, not_before, headers))
+        else:
+            props, body = to_wire(message, headers)
+            frames.append(ch.f_publish("", queue, body, props, True))
+    try:
+        ch.publish_confirmed(frames, len(frames))
+    except wire.Unroutable:
+        # A queue deleted behind our back (or a tier that expired): declare again, once.
+        topology.queues.discard(queue)
+        topology.tiers.clear()
+        return publish_on(broker, ch, topology, queue, messages, not_before, extra)
+    return ch
+
+
+def _delay_frame(broker: AMQPBroker, ch: Channel, topology: Topology, queue: str,
+                 message: Message, not_before: float, headers: dict[str, Any]) -> bytes:
+    """The publish that keeps ``message`` out of ``queue`` until ``not_before``."""
+    remaining = not_before - time.time()
+    headers[H_DUE] = float(not_before)
+    saved = {k: message.headers[k] for k in DEATH_HEADERS if k in message.headers}
+    if saved:
+        headers[H_SAVED_DEATH] = saved
+    expiration = message.properties.get("expiration")
+    props, body = to_wire(message, headers)
+    if expiration is not None:
+        # Not while it waits: RabbitMQ would drop it, or dead-letter it back early.
+        props.pop("expiration", None)
+        props["headers"][H_EXPIRATION] = expiration
+    if remaining <= HOLD_WINDOW:
+        return ch.f_publish("", queue, body, props, True)
+    name = broker.declare_tier(ch, queue, tier_for(remaining), topology)
+    return ch.f_publish("", name, body, props, True)
+
+
+def _dead_letter_of(got: Incoming) -> DeadLetter:
+    message, ours = from_wire(dict(got.properties), got.body)
+    info = ours.get(H_DEAD)
+    if info:
+        expiration = ours.get(H_EXPIRATION)
+        if expiration is not None:
+            message.properties["expiration"] = expiration
+        return DeadLetter(str(info["id"]), str(info["queue"]), str(info["reason"]),
+                          float(info["time"]), message)
+    # Dead-lettered by RabbitMQ (a queue with x-dead-letter-exchange = celeriac.dlx).
+    headers = message.headers
+    deaths = headers.get("x-death") or [{}]
+    first = deaths[-1] if isinstance(deaths, list) and deaths else {}
+    queue = str(headers.get("x-first-death-queue") or first.get("queue") or "")
+    reason = str(headers.get("x-first-death-reason") or first.get("reason") or "dead-lettered")
+    stamp = first.get("time")
+    when = stamp.timestamp() if hasattr(stamp, "timestamp") else time.time()
+    digest = hashlib.sha1(orjson.dumps([headers, message.properties], default=str)
+                          + message.body).hexdigest()[:24]
+    for key in DEATH_HEADERS:
+        headers.pop(key, None)
+    return DeadLetter(f"rmq-{digest}", queue, f"rabbitmq: {reason}", when, message)
+
+
+# -- the consumer ------------------------------------------------------------------------------
+
+
+class _Held:
+    __slots__ = ("acked", "count", "gen", "incoming", "message", "ours", "queue")
+
+    def __init__(self, incoming: Incoming, message: Message, ours: dict[str, Any], queue: str,
+                 count: int, gen: int) -> None:
+        self.incoming, self.message, self.ours = incoming, message, ours
+        self.queue, self.count, self.gen = queue, count, gen
+        self.acked = False
+
+
+class AMQPConsumer(Consumer):
+    def __init__(self, broker: AMQPBroker, queues: list[str], consumer_id: str) -> None:
+        if not queues:
+            raise ImproperlyConfigured("a consumer needs at least one queue")
+        self.broker = broker
+        self.queues = queues
+        self.consumer_id = consumer_id
+        self._conn: Connection | None = None
+        self._ch: Channel | None = None
+        self._topology = Topology()
+        self._gen = 0
+        self._held: dict[str, _Held] = {}
+        self._ready: deque[_Held] = deque()  # received, not yet handed out
+        self._waiting: list[tuple[float, int, _Held]] = []  # due soon: kept here
+        self._seq = itertools.count()
+        self._qos = -1
+        self._rotation = 0
+        self._round = 0
+        self._lock = threading.RLock()  # bookkeeping (an early ack may come from a thread)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._closed = False
+        self._backoff = 0.0
+        self._tag_prefix = f"celeriac.{uuid.uuid4().hex[:10]}"
+        _CONSUMERS[consumer_id] = self
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def _channel(self) -> Channel:
+        ch = self._ch
+        if ch is not None and ch.is_open and not ch.conn.closed:
+            return ch
+        if self._conn is None or self._conn.closed:
+            self._lost()
+            self._conn = self.broker.new_connection()
+            self._topology = Topology()
+        ch = self._conn.channel()
+        ch.confirm_select()
+        self._ch = ch
+        self._qos = -1
+        self._gen += 1
+        for queue in self.queues:
+            ch = self.broker._ensure_queue(ch, queue, self._topology)
+            self._ch = ch
+        return ch
+
+    def _lost(self) -> None:
+        """The connection is gone: RabbitMQ has put back everything it delivered to us."""
+        with self._lock:
+            self._held.clear()
+            self._ready.clear()
+            self._waiting.clear()
+        if self._conn is not None:
+            self._conn.abort()
+        self._conn = self._ch = None
+
+    # -- fetching -------------------------------------------------------------------------------
+
+    def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            out = self._take(max_count)
+            if out or max_count <= 0:
+                if max_count <= 0:
+                    self._idle(deadline)
+                return out
+            try:
+                found = self._round_trip(max_count, deadline)
+            except (ConnectionLost, ChannelClosed, TimeoutError) as exc:
+                self._on_error(exc, deadline)
+                found = False
+            if self._drain_wake() or time.monotonic() >= deadline:
+                return self._take(max_count)
+            if found:
+                out = self._take(max_count)
+                if out:
+                    return out
+
+    def _idle(self, deadline: float) -> None:
+        """Wait for a wake-up (``fetch(0, t)``: a threads pool waiting for a free thread)."""
+        while time.monotonic() < deadline:
+            if self._drain_wake():
+                return
+            left = deadline - time.monotonic()
+            conn = self._conn
+            if conn is not None and not conn.closed:
+                try:
+                    conn.pump(left, self._wake_r)
+                except ConnectionLost:
+                    self._lost()
+            else:
+                _wait_fd(self._wake_r, left)
+
+    def _on_error(self, exc: BaseException, deadline: float) -> None:
+        if isinstance(exc, ChannelClosed):
+            log.warning("consumer %s: channel closed (%s); reopening", self.consumer_id, exc)
+            self._topology = Topology()
+            with self._lock:
+                self._held.clear()
+                self._ready.clear()
+                self._waiting.clear()
+            self._ch = None
+            return
+        log.warning("consumer %s: connection lost (%s); reconnecting", self.consumer_id, exc)
+        self._lost()
+        self._backoff = min(2.0, self._backoff * 2 if self._backoff else 0.1)
+        _wait_fd(self._wake_r, max(0.0, min(self._backoff, deadline - time.monotonic())))
+
+    def _drain_wake(self) -> bool:
+        woken = False
+        while True:
+            try:
+                if not os.read(self._wake_r, 512):
+                    return woken
+                woken = True
+            except BlockingIOError:
+                return woken
+
+    def _take(self, max_count: int) -> list[Delivery]:
+        with self._lock:
+            if self._waiting:
+                now = time.time()
+                while self._waiting and self._waiting[0][0] <= now + EARLY_SLACK:
+                    self._ready.append(heapq.heappop(self._waiting)[2])
+            out: list[Delivery] = []
+            while self._ready and len(out) < max_count:
+                h = self._ready.popleft()
+                tag = f"{h.gen}:{h.incoming.delivery_tag}"
+                self._held[tag] = h
+                out.append(Delivery(h.message, h.queue, tag, h.count))
+            return out
+
+    def _round_trip(self, max_count: int, deadline: float) -> bool:
+        """Consume until deliveries arrive (or the deadline); False if none came."""
+        ch = self._channel()
+        conn = ch.conn
+        self._backoff = 0.0
+        self._round += 1
+        order = self.queues[self._rotation:] + self.queues[:self._rotation]
+        self._rotation = (self._rotation + 1) % len(self.queues)
+        frames = []
+        if self._qos != max_count:
+            frames.append(ch.f_qos(max_count))
+        tags: dict[str, str] = {}
+        for i, queue in enumerate(order):
+            tag = f"{self._tag_prefix}.{self._round}.{i}"
+            tags[tag] = queue
+            frames.append(ch.f_consume(queue, tag, nowait=True))
+        got: list[Incoming] = []
+        ch.on_delivery = got.append
+        try:
+            conn.send(b"".join(frames))
+            if self._qos != max_count:
+                self._qos = max_count
+                ch._expect([wire.BASIC_QOS_OK])
+            useful = 0
+            while True:
+                useful += self._absorb(got, tags, ch)
+                got.clear()
+                if useful >= max_count or self._ready_count() >= max_count:
+                    # Full: no reply needed (a single queue can send no more anyway).
+                    conn.send(b"".join(ch.f_cancel(t, nowait=True) for t in tags))
+                    return True
+                now = time.monotonic()
+                due = self._next_due()
+                if useful or now >= deadline or (due is not None and due <= time.time()):
+                    break
+                left = deadline - now
+                if due is not None:
+                    left = min(left, max(0.0, due - time.time()))
+                conn.pump(left, self._wake_r)
+                if not ch.is_open:
+                    ch.check()
+                if _readable(self._wake_r):
+                    break
+            # Cancel with replies: a barrier, so what was already on its way is in.
+            conn.send(b"".join(ch.f_cancel(t) for t in tags))
+            for _ in tags:
+                ch._expect([wire.BASIC_CANCEL_OK])
+            self._absorb(got, tags, ch)
+            got.clear()
+            return bool(useful) or bool(self._ready)
+        finally:
+            ch.on_delivery = None
+
+    def _ready_count(self) -> int:
+        return len(self._ready)
+
+    def _next_due(self) -> float | None:
+        return self._waiting[0][0] if self._waiting else None
+
+    def _absorb(self, got: list[Incoming], tags: dict[str, str], ch: Channel) -> int:
+        """Turn raw deliveries into held messages; returns how many are ready to hand out."""
+        useful = 0
+        gen = self._gen
+        for inc in got:
+            queue = tags.get(inc.consumer_tag) or inc.routing_key
+            message, ours = from_wire(inc.properties, inc.body)
+            count = int(ours.get(H_COUNT) or 0) + 1
+            if inc.redelivered:
+                # Back from a consumer that died holding it: it may have run. Count it, in
+                # a header that survives the next crash too.
+                self._requeue(ch, queue, [(inc, message, ours)], counted=True)
+                continue
+            due = ours.get(H_DUE)
+            if due is not None:
+                remaining = float(due) - time.time()
+                if remaining > HOLD_WINDOW:
+                    self._repark(ch, queue, inc, message, ours, float(due))
+                    continue
+                h = _Held(inc, message, ours, queue, count, gen)
+                _strip_delay(message, ours)
+                if remaining > EARLY_SLACK:
+                    with self._lock:
+                        heapq.heappush(self._waiting, (float(due), next(self._seq), h))
+                    continue
+            else:
+                h = _Held(inc, message, ours, queue, count, gen)
+            with self._lock:
+                self._ready.append(h)
+            useful += 1
+        return useful
+
+    def _requeue(self, ch: Channel, queue: str,
+                 items: Sequence[tuple[Incoming, Message, dict[str, Any]]], counted: bool) -> None:
+        """Put messages back in ``queue`` (at its end), then ack the deliveries."""
+        extra = []
+        for inc, _m, ours in items:
+            past = int(ours.get(H_COUNT) or 0) + (1 if counted else 0)
+            if inc.redelivered and not counted:
+                past += 1
+            headers: dict[str, Any] = {H_COUNT: past} if past else {}
+            for key in (H_DUE, H_EXPIRATION, H_SAVED_DEATH):
+                if key in ours:
+                    headers[key] = ours[key]
+            extra.append(headers)
+        self._publish(ch, queue, [m for _, m, _ in items], None, extra)
+        ch.conn.send(b"".join(ch.f_ack(inc.delivery_tag) for inc, _, _ in items))
+
+    def _repark(self, ch: Channel, queue: str, inc: Incoming, message: Message,
+                ours: dict[str, Any], due: float) -> None:
+        _strip_delay(message, ours)
+        past = int(ours.get(H_COUNT) or 0)
+        self._publish(ch, queue, [message], due, [{H_COUNT: past} if past else {}])
+        ch.conn.send(ch.f_ack(inc.delivery_tag))
+
+    def _publish(self, ch: Channel, queue: str, messages: Sequence[Message],
+                 not_before: float | None, extra: Sequence[dict[str, Any]]) -> None:
+        new = publish_on(self.broker, ch, self._topology, queue, messages, not_before, extra)
+        if new is not ch:
+            self._ch = new
+
+    # -- settling --------------------------------------------------------------------------------
+
+    def _pop_live(self, deliveries: Sequence[Delivery]) -> list[_Held]:
+        """The deliveries still held on the current channel (others went back already)."""
+        out = []
+        with self._lock:
+            for d in deliveries:
+                h = self._held.pop(d.tag, None)
+                if h is not None and h.gen == self._gen:
+                    out.append(h)
+        return out
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        held = [h for h in self._pop_live(deliveries) if not h.acked]
+        if not held:
+            return
+        ch = self._ch
+        if ch is None or not ch.is_open:
+            return  # the connection went: they are back in their queues
+        try:
+            ch.conn.send(_ack_frames(ch, [h.incoming.delivery_tag for h in held],
+                                     self._outstanding()))
+        except ConnectionLost:
+            self._lost()
+
+    def _outstanding(self) -> set[int]:
+        with self._lock:
+            tags = {h.incoming.delivery_tag for h in self._held.values()
+                    if h.gen == self._gen and not h.acked}
+            tags.update(h.incoming.delivery_tag for h in self._ready if h.gen == self._gen)
+            tags.update(h.incoming.delivery_tag for _, _, h in self._waiting if h.gen == self._gen)
+        return tags
+
+    def started(self, delivery: Delivery, requeue_if_lost: bool) -> None:
+        """The task starts: ack now unless it must come back if this process dies."""
+        if requeue_if_lost:
+            return
+        with self._lock:
+            h = self._held.get(delivery.tag)
+            if h is None or h.acked or h.gen != self._gen:
+                return
+            h.acked = True
+        ch = self._ch
+        if ch is not None and ch.is_open:
+            with contextlib.suppress(ConnectionLost):
+                ch.conn.send(ch.f_ack(h.incoming.delivery_tag))
+
+    def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:
+        held = [h for h in self._pop_live(deliveries) if not h.acked]
+        if not held:
+            return
+        ch = self._ch
+        if ch is None or not ch.is_open:
+            return
+        try:
+            if requeue:
+                self._give_back(ch, held)
+            else:
+                ch.conn.send(b"".join(ch.f_reject(h.incoming.delivery_tag, False) for h in held))
+        except (ConnectionLost, ChannelClosed) as exc:
+            log.warning("consumer %s: could not settle (%s); the broker requeues them",
+                        self.consumer_id, exc)
+            self._lost()
+
+    def _give_back(self, ch: Channel, held: Sequence[_Held], running: str | None = None,
+                   requeue_running: bool = True) -> int:
+        """Requeue held messages in order, grouped by queue (``running`` counts)."""
+        count = 0
+        by_queue: dict[str, list[_Held]] = {}
+        for h in held:
+            by_queue.setdefault(h.queue, []).append(h)
+        for queue, group in by_queue.items():
+            for counted in (False, True):
+                part = [h for h in group
+                        if (running is not None and f"{h.gen}:{h.incoming.delivery_tag}"
+                            == running) == counted]
+                if counted and not requeue_running:
+                    if part:
+                        ch.conn.send(b"".join(ch.f_ack(h.incoming.delivery_tag) for h in part))
+                    continue
+                if part:
+                    items = [(h.incoming, h.message, self._ours_for_requeue(h)) for h in part]
+                    self._requeue(ch, queue, items, counted=counted)
+                    count += len(part)
+        return count
+
+    @staticmethod
+    def _ours_for_requeue(h: _Held) -> dict[str, Any]:
+        ours = {H_COUNT: h.count - 1}
+        if H_DUE in h.ours and h.message.headers.get(H_DUE) is None:
+            # Kept here until due: it goes back with its due time.
+            ours[H_DUE] = h.ours[H_DUE]
+        return ours
+
+    def park(self, delivery: Delivery, not_before: float) -> None:
+        held = self._pop_live([delivery])
+        if not held or held[0].acked:
+            return
+        h = held[0]
+        ch = self._ch
+        if ch is None or not ch.is_open:
+            return
+        try:
+            past = h.count - 1
+            self._publish(ch, h.queue, [h.message], not_before, [{H_COUNT: past} if past else {}])
+            ch.conn.send(ch.f_ack(h.incoming.delivery_tag))
+        except (ConnectionLost, ChannelClosed) as exc:
+            log.warning("consumer %s: could not park (%s); the broker requeues it",
+                        self.consumer_id, exc)
+            self._lost()
+
+    def recover(self, running_tag: str | None, requeue_running: bool) -> int:
+        """Settle everything this (same-process) consumer holds, as if it had died."""
+        with self._lock:
+            held = [h for h in self._held.values() if h.gen == self._gen and not h.acked]
+            held += [h for h in self._ready if h.gen == self._gen]
+            held += [h for _, _, h in self._waiting if h.gen == self._gen]
+            self._held.clear()
+            self._ready.clear()
+            self._waiting.clear()
+        ch = self._ch
+        if not held or ch is None or not ch.is_open:
+            return 0
+        return self._give_back(ch, held, running_tag, requeue_running)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"w")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.recover(None, True)
+            ch = self._ch
+            if ch is not None and ch.is_open:
+                ch.qos(0)  # a round trip: our acks are through before the goodbye
+        except (AMQPError, TimeoutError) as exc:
+            log.warning("consumer %s: closing: %s", self.consumer_id, exc)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = self._ch = None
+            _CONSUMERS.pop(self.consumer_id, None)
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _ack_frames(ch: Channel, tags: Sequence[int], outstanding: set[int]) -> bytes:
+    """One ``multiple`` ack when the tags are all that is outstanding up to the highest."""
+    top = max(tags)
+    below = {t for t in outstanding if t <= top}
+    if below <= set(tags):
+        return ch.f_ack(top, multiple=True)
+    return b"".join(ch.f_ack(t) for t in tags)
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _wait_fd(fd: int, timeout: float) -> None:
+    import select
+
+    if timeout <= 0:
+        return
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.poll(int(timeout * 1000))
+
+
+# -- broadcast subscriber -----------------------------------------------------------------------
+
+
+class AMQPSubscriber(Subscriber):
+    def __init__(self, broker: AMQPBroker, channel: str) -> None:
+        self.broker = broker
+        self.channel = channel
+        self._conn: Connection | None = None
+        self._ch: Channel | None = None
+        self._queue = ""
+        self._pending: list[tuple[float, str, bytes]] = []  # (expires, bid, body)
+        self._seen: dict[str, float] = {}  # bid -> expires
+        self._setup()
+
+    def _setup(self) -> None:
+        conn = self.broker.new_connection()
+        ch = conn.channel()
+        ch.confirm_select()
+        topology = Topology()
+        exchange, stream = self.broker.declare_broadcast(ch, self.channel, topology)
+        self._queue, _, _ = ch.queue_declare("", durable=False, exclusive=True, auto_delete=True)
+        ch.queue_bind(self._queue, exchange, "")
+        # What the stream kept: read it up to a marker we put at its end just now.
+        marker = uuid.uuid4().hex
+        got: list[Incoming] = []
+        ch.on_delivery = got.append
+        ch.qos(500)
+        ch.consume(stream, f"replay.{marker}", arguments={"x-stream-offset": "first"})
+        ch.publish_confirmed([ch.f_publish("", stream, b"", {"headers": {H_MARKER: marker}})], 1)
+        done = False
+        deadline = time.monotonic() + 30
+        while not done:
+            for inc in got:
+                headers = inc.properties.get("headers") or {}
+                if headers.get(H_MARKER) == marker:
+                    done = True
+                elif H_BID in headers:
+                    self._keep(headers, inc.body)
+            if got:
+                ch.conn.send(ch.f_ack(got[-1].delivery_tag, multiple=True))
+                got.clear()
+            if not done:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"replaying broadcasts of {self.channel!r} timed out")
+                conn.pump(deadline - time.monotonic())
+        ch.cancel(f"replay.{marker}")
+        got.clear()
+        ch.on_delivery = None
+        ch.consume(self._queue, f"live.{marker}", no_ack=True)
+        self._conn, self._ch = conn, ch
+
+    def _keep(self, headers: dict[str, Any], body: bytes) -> None:
+        bid = str(headers.get(H_BID))
+        if bid in self._seen:
+            return
+        expires = float(headers.get(H_EXPIRES) or 0)
+        self._seen[bid] = expires
+        self._pending.append((expires, bid, body))
+
+    def poll(self) -> list[dict[str, Any]]:
+        ch = self._ch
+        try:
+            if ch is None or not ch.is_open or ch.conn.closed:
+                self._reconnect()
+                ch = self._ch
+            assert ch is not None
+            # A round trip through our queue: whatever it had is delivered before the reply.
+            ch.queue_declare(self._queue, passive=True)
+        except (ConnectionLost, ChannelClosed, TimeoutError) as exc:
+            log.warning("broadcast subscriber %r: %s; reconnecting", self.channel, exc)
+            self._ch = None
+            return []
+        while ch.deliveries:
+            inc = ch.deliveries.popleft()
+            self._keep(inc.properties.get("headers") or {}, inc.body)
+        now = time.time()
+        out = [orjson.loads(body) for expires, _, body in self._pending if expires >= now]
+        self._pending.clear()
+        if len(self._seen) > 1000:
+            self._seen = {b: e for b, e in self._seen.items() if e >= now}
+        return out
+
+    def _reconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.abort()
+        self._setup()
+
+    def close(self) -> None:
+        conn, self._conn, self._ch = self._conn, None, None
+        if conn is not None:
+            conn.close()

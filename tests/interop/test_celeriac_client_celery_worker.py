@@ -1,0 +1,100 @@
+"""celeriac sends; a real Celery worker runs; celeriac's AsyncResult.get() reads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from celeriac import Celery, chain, group
+from celeriac.exceptions import TaskRevokedError
+from tests.apps import interop_tasks as it
+from tests.interop.conftest import Interop
+
+
+def lines(d: str, name: str) -> list[list[str]]:
+    try:
+        with open(f"{d}/{name}") as f:
+            return [line.split() for line in f.read().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def test_calls_kwargs_and_results(celeriac_app: Celery, celery_worker: Callable[..., Any]
+                                  ) -> None:
+    celery_worker()
+    assert it.add.delay(2, 2).get(timeout=10) == 4
+    assert it.echo.apply_async((1, "two"), {"k": [3, {"x": None}]}).get(timeout=10) == {
+        "args": [1, "two"], "kwargs": {"k": [3, {"x": None}]}, "impl": "celery"}
+    assert celeriac_app.send_task("interop.add", (20, 22)).get(timeout=10) == 42
+    results = [it.add.delay(i, 1) for i in range(50)]
+    assert [r.get(timeout=20) for r in results] == [i + 1 for i in range(50)]
+
+
+def test_failure_keeps_exception_type(celeriac_app: Celery, celery_worker: Callable[..., Any]
+                                      ) -> None:
+    celery_worker()
+    result = it.fail.delay("no way")
+    with pytest.raises(ValueError, match="no way"):
+        result.get(timeout=10)
+    assert result.state == "FAILURE"
+    assert "ValueError" in (result.traceback or "")
+
+
+def test_retries(celeriac_app: Celery, celery_worker: Callable[..., Any]) -> None:
+    celery_worker()
+    assert it.retrying.delay(2).get(timeout=20) == {"retries": 2, "impl": "celery"}
+
+
+def test_countdown_and_eta(celeriac_app: Celery, interop: Interop,
+                           celery_worker: Callable[..., Any]) -> None:
+    celery_worker()
+    sent = time.time()
+    result = it.record.apply_async((interop.dir, "eta", "later"), countdown=1.5)
+    assert result.get(timeout=10) == "later"
+    [[_, ran, impl]] = lines(interop.dir, "eta")
+    assert impl == "celery" and float(ran) - sent >= 1.45
+
+
+def test_expired(celeriac_app: Celery, interop: Interop, celery_worker: Callable[..., Any]
+                 ) -> None:
+    result = it.record.apply_async((interop.dir, "exp", "x"), expires=0.1)
+    time.sleep(0.3)  # expire before a worker exists: the point of the test
+    celery_worker()
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=10)
+    assert result.state == "REVOKED"
+    assert lines(interop.dir, "exp") == []
+
+
+def test_revoke_reaches_celery_workers(celeriac_app: Celery, interop: Interop,
+                                       celery_worker: Callable[..., Any]) -> None:
+    celery_worker()
+    doomed = it.record.apply_async((interop.dir, "rev", "doomed"), countdown=2)
+    # The Celery worker holds it in memory until its ETA; a revoke must reach it there.
+    time.sleep(0.5)  # let the Celery worker receive it first: that is the case tested
+    doomed.revoke()
+    after = it.record.apply_async((interop.dir, "rev", "after"), countdown=2.5)
+    assert after.get(timeout=10) == "after"
+    with pytest.raises(TaskRevokedError):
+        doomed.get(timeout=10)
+    assert [r[0] for r in lines(interop.dir, "rev")] == ["after"]
+
+
+def test_priorities_follow_kombu(celeriac_app: Celery, interop: Interop,
+                                 celery_worker: Callable[..., Any]) -> None:
+    sent = [("a", 9), ("b", 6), ("c", 0), ("d", 3), ("e", 9), ("f", 0)]
+    results = [it.record.apply_async((interop.dir, "prio", v), priority=p) for v, p in sent]
+    celery_worker("--prefetch-multiplier", "1")
+    for r in results:
+        r.get(timeout=10)
+    assert [r[0] for r in lines(interop.dir, "prio")] == ["c", "f", "d", "b", "a", "e"]
+
+
+def test_chain_and_group(celeriac_app: Celery, celery_worker: Callable[..., Any]) -> None:
+    celery_worker()
+    assert chain(it.add.s(2, 2), it.mul.s(5), it.add.s(1))().get(timeout=15) == 21
+    grp = group(it.add.s(i, i) for i in range(5))()
+    assert grp.get(timeout=15) == [0, 2, 4, 6, 8]
