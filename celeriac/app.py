@@ -331,13 +331,15 @@ class Celery:
 
                 return DisabledBackend()
             expires = self.conf.result_expires
-            return backends.connect(
+            backend = backends.connect(
                 url,
                 serializer=self.conf.result_serializer,
                 expires=float(expires) if expires else None,
                 accept=self.conf.result_accept_content or self.conf.accept_content,
                 **self.conf.result_backend_transport_options,
             )
+            backend.configure(self.conf)
+            return backend
 
         return self._per_process("backend", make)  # type: ignore[no-any-return]
 
@@ -497,6 +499,9 @@ class Celery:
             serializer=serializer or conf.task_serializer,
             max_size=conf.task_max_message_size,
         )
+        if ignore_result is not True:
+            # rpc:// declares the reply queue before the first task that may answer in it.
+            self.backend.on_task_call(task_id, reply_to or self.oid)
         self.broker.publish(
             queue_name, [message], not_before=eta.timestamp() if eta is not None else None
         )

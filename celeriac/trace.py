@@ -64,6 +64,8 @@ def build_meta(
         "task_id": task_id,
     }
     if request is not None:
+        if request.reply_to and app.backend.wants_reply_to:
+            meta["_reply_to"] = request.reply_to  # taken out again before it is sent
         if request.group:
             meta["group_id"] = request.group
         if request.parent_id:

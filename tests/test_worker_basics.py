@@ -10,7 +10,6 @@ import pickle
 import socket
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,21 +25,14 @@ from celeriac.exceptions import (
     TaskRevokedError,
 )
 from celeriac.protocol.message import Message, build_task_message
+from tests.apps import worker_support
 from tests.apps import worker_tasks as wt
+from tests.apps.worker_support import StartWorker
 from tests.apps.worker_tasks import lines, messages_left
-from tests.conftest import WorkerProcess, bind_app, wait_for
+from tests.conftest import WorkerProcess, wait_for
 
-StartWorker = Callable[..., WorkerProcess]
-
-
-@pytest.fixture
-def app(db_url: str) -> Celery:
-    return bind_app(wt.app, db_url)
-
-
-@pytest.fixture
-def d(tmp_path: Path) -> str:
-    return str(tmp_path)
+# Fixtures: the test app on this test's database, a shared directory, logged workers.
+app, d, start_worker = worker_support.app, worker_support.d, worker_support.start_worker
 
 
 def cpu_seconds(worker: WorkerProcess) -> float:

@@ -7,28 +7,20 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from celeriac import Celery, states
 from celeriac.exceptions import WorkerLostError
+from tests.apps import worker_support
 from tests.apps import worker_tasks as wt
+from tests.apps.worker_support import StartWorker
 from tests.apps.worker_tasks import lines, messages_left
-from tests.conftest import WorkerProcess, bind_app, wait_for
+from tests.conftest import wait_for
 
-StartWorker = Callable[..., WorkerProcess]
-
-
-@pytest.fixture
-def app(db_url: str) -> Celery:
-    return bind_app(wt.app, db_url)
-
-
-@pytest.fixture
-def d(tmp_path: Path) -> str:
-    return str(tmp_path)
+# Fixtures: the test app on this test's database, a shared directory, logged workers.
+app, d, start_worker = worker_support.app, worker_support.d, worker_support.start_worker
 
 
 def started_pid(d: str, name: str) -> int:

@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from celeriac import Celery, states
 from celeriac.exceptions import TimeLimitExceeded
+from tests.apps import worker_support
 from tests.apps import worker_tasks as wt
+from tests.apps.worker_support import StartWorker
 from tests.apps.worker_tasks import lines
-from tests.conftest import WorkerProcess, bind_app, wait_for
+from tests.conftest import wait_for
 
-StartWorker = Callable[..., WorkerProcess]
-
-
-@pytest.fixture
-def app(db_url: str) -> Celery:
-    return bind_app(wt.app, db_url)
-
-
-@pytest.fixture
-def d(tmp_path: Path) -> str:
-    return str(tmp_path)
+# Fixtures: the test app on this test's database, a shared directory, logged workers.
+app, d, start_worker = worker_support.app, worker_support.d, worker_support.start_worker
 
 
 def test_soft_time_limit_raises_inside_the_task(

@@ -13,6 +13,7 @@ SCHEMES: dict[str, str] = {
     "memory": "celeriac.backends.memory:MemoryBackend",
     "cache+memory": "celeriac.backends.memory:MemoryBackend",
     "sqlite": "celeriac.backends.sqlite:SQLiteBackend",
+    "rpc": "celeriac.backends.rpc:RPCBackend",
     "redis": "celeriac.backends.redis:RedisBackend",
     "rediss": "celeriac.backends.redis:RedisBackend",
     "sentinel": "celeriac.backends.redis:RedisBackend",

@@ -7,6 +7,10 @@ A backend stores one JSON document per task, in Celery's format::
 
 Subclasses provide four primitives (put, fetch, remove, a way to wait for writes);
 encoding, expiry and waiting logic live here. Every backend passes ``tests/conformance``.
+
+Chords need one atomic operation more, the join counter (``chord_set_size``,
+``chord_part_done``, ``chord_finish``): the last header task to finish gets the ordered
+results exactly once and sends the body. Nothing polls. See ``chord_part_done``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celeriac import states
@@ -24,6 +29,20 @@ TaskMeta = dict[str, Any]
 
 TASK_KEY_PREFIX = "celery-task-meta-"
 GROUP_KEY_PREFIX = "celery-taskset-meta-"
+
+
+# How long the header task that completed a chord owns it while it sends the body. If it
+# dies meanwhile, a redelivered header task claims the chord again once this has passed.
+CHORD_CLAIM_SECONDS = 30
+
+
+@dataclass
+class ChordJoin:
+    """Handed to the one caller whose header task completed a chord."""
+
+    group_id: str
+    token: str  # proves the claim in chord_extend/chord_finish
+    parts: list[tuple[str, str, Any]]  # (task id, state, result) in header order
 
 
 class Waiter(ABC):
@@ -74,6 +93,15 @@ class ResultBackend(ABC):
 
     def close(self) -> None:  # noqa: B027
         pass
+
+    # Results travel to the caller's reply queue (rpc://): documents carry ``_reply_to``.
+    wants_reply_to = False
+
+    def configure(self, conf: Any) -> None:  # noqa: B027 - optional
+        """Read the app's settings that concern this backend (called once, after connect)."""
+
+    def on_task_call(self, task_id: str, reply_to: str) -> None:  # noqa: B027 - optional
+        """A task whose result may come back in ``reply_to`` is about to be sent."""
 
     # -- encoding ----------------------------------------------------------------------
 
@@ -149,3 +177,48 @@ class ResultBackend(ABC):
 
     def delete_group(self, group_id: str) -> None:
         self._remove([GROUP_KEY_PREFIX + group_id])
+
+    # -- chords --------------------------------------------------------------------------
+    #
+    # Celery's counter-based chord protocol, as its Redis backend runs it (keys
+    # ``celery-taskset-meta-<gid>.s/.j/.d/.c/.t``), with one atomic step per header task.
+
+    @abstractmethod
+    def chord_set_size(self, group_id: str, size: int) -> None:
+        """Before the header is sent: how many header results complete the chord.
+
+        Also forgets a claim or "finished" mark left by an earlier run of a chord with the
+        same group id (a frozen chord applied again is a new run).
+        """
+
+    @abstractmethod
+    def chord_part_done(self, group_id: str, task_id: str, index: int | None, state: str,
+                        result: Any, claim_seconds: int = CHORD_CLAIM_SECONDS
+                        ) -> ChordJoin | None:
+        """Record one header task's outcome, atomically; the part completing the chord wins.
+
+        ``result`` is what the task's document holds (the value, or the exception as a
+        dict); ``index`` its ``group_index`` (None sorts last). A part is recorded once per
+        (task id, index): a duplicate delivery of a header task changes nothing. When the
+        recorded parts reach the size (plus ``chord_add``) and the chord is neither claimed
+        nor finished, the caller claims it for ``claim_seconds`` and gets a ChordJoin with
+        every part in header order: it must send the body (or fail it) and then call
+        ``chord_finish``. Every other call returns None. A claim that expires unfinished
+        (its holder died) is taken by the next call for that chord, so the body is sent
+        at least once and, barring such a death, exactly once.
+        """
+
+    @abstractmethod
+    def chord_finish(self, join: ChordJoin) -> bool:
+        """The body was sent: drop the chord's parts and mark it finished.
+
+        Returns False (and changes nothing) when the claim was lost meanwhile.
+        """
+
+    def chord_extend(self, join: ChordJoin, seconds: int) -> bool:
+        """Keep the claim ``seconds`` longer (before a slow send); False if it was lost."""
+        return True
+
+    def chord_add(self, group_id: str, count: int = 1) -> None:
+        """Header tasks added while the chord runs (Celery's ``Task.add_to_chord``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support add_to_chord")

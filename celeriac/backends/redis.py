@@ -21,15 +21,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from celeriac import states
 from celeriac.backends.base import (
+    CHORD_CLAIM_SECONDS,
     GROUP_KEY_PREFIX,
     TASK_KEY_PREFIX,
+    ChordJoin,
     ResultBackend,
     TaskMeta,
     Waiter,
@@ -84,15 +85,6 @@ redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[2]))
 return 1
 """
-
-
-@dataclass
-class ChordJoin:
-    """Handed to the one caller whose header task completed the chord."""
-
-    group_id: str
-    token: str
-    parts: list[tuple[str, str, Any]]  # (task id, state, result) in header order
 
 
 class RedisWaiter(Waiter):
@@ -315,7 +307,8 @@ class RedisBackend(ResultBackend):
         self.connector.call(lambda c: c.incrby(key, count), attempts=5, what="chord add")
 
     def chord_part_done(self, group_id: str, task_id: str, index: int | None, state: str,
-                        result: Any, claim_seconds: int = 30) -> ChordJoin | None:
+                        result: Any, claim_seconds: int = CHORD_CLAIM_SECONDS
+                        ) -> ChordJoin | None:
         """Record one header task's outcome; the one that completes the chord gets the join.
 
         Atomic: however many workers finish header tasks at once (or run one twice), exactly

@@ -717,7 +717,7 @@ class AMQPConsumer(Consumer):
         self._gen = 0
         self._held: dict[str, _Held] = {}
         self._ready: deque[_Held] = deque()  # received, not yet handed out
-        self._waiting: list[tuple[float, int, _Held]] = []  # due soon: kept here
+        self._waiting: list[tuple[float, int, int, _Held]] = []  # due soon: kept here
         self._seq = itertools.count()
         self._qos = -1
         self._rotation = 0
@@ -828,7 +828,7 @@ class AMQPConsumer(Consumer):
             if self._waiting:
                 now = time.time()
                 while self._waiting and self._waiting[0][0] <= now + EARLY_SLACK:
-                    self._ready.append(heapq.heappop(self._waiting)[2])
+                    self._ready.append(heapq.heappop(self._waiting)[3])
             out: list[Delivery] = []
             while self._ready and len(out) < max_count:
                 h = self._ready.popleft()
@@ -846,8 +846,12 @@ class AMQPConsumer(Consumer):
         order = self.queues[self._rotation:] + self.queues[:self._rotation]
         self._rotation = (self._rotation + 1) % len(self.queues)
         frames = []
-        if self._qos != max_count:
-            frames.append(ch.f_qos(max_count))
+        # Messages kept here until due (a few ms) hold credit too: ask for that much more.
+        holding = len(self._waiting)
+        credit = min(65535, max_count + holding)
+        qos_changed = self._qos != credit
+        if qos_changed:
+            frames.append(ch.f_qos(credit))
         tags: dict[str, str] = {}
         for i, queue in enumerate(order):
             tag = f"{self._tag_prefix}.{self._round}.{i}"
@@ -857,8 +861,8 @@ class AMQPConsumer(Consumer):
         ch.on_delivery = got.append
         try:
             conn.send(b"".join(frames))
-            if self._qos != max_count:
-                self._qos = max_count
+            if qos_changed:
+                self._qos = credit
                 ch._expect([wire.BASIC_QOS_OK])
             useful = 0
             while True:
@@ -870,7 +874,9 @@ class AMQPConsumer(Consumer):
                     return True
                 now = time.monotonic()
                 due = self._next_due()
-                if useful or now >= deadline or (due is not None and due <= time.time()):
+                if (useful or now >= deadline or (due is not None and due <= time.time())
+                        or len(self._waiting) > holding):
+                    # (A message kept until due took credit: a new round asks for more.)
                     break
                 left = deadline - now
                 if due is not None:
@@ -919,7 +925,7 @@ class AMQPConsumer(Consumer):
                 _strip_delay(message, ours)
                 if remaining > EARLY_SLACK:
                     with self._lock:
-                        heapq.heappush(self._waiting, (float(due), next(self._seq), h))
+                        heapq.heappush(self._waiting, (float(due), -message.priority, next(self._seq), h))
                     continue
             else:
                 h = _Held(inc, message, ours, queue, count, gen)
@@ -987,7 +993,7 @@ class AMQPConsumer(Consumer):
             tags = {h.incoming.delivery_tag for h in self._held.values()
                     if h.gen == self._gen and not h.acked}
             tags.update(h.incoming.delivery_tag for h in self._ready if h.gen == self._gen)
-            tags.update(h.incoming.delivery_tag for _, _, h in self._waiting if h.gen == self._gen)
+            tags.update(h.incoming.delivery_tag for _, _, _, h in self._waiting if h.gen == self._gen)
         return tags
 
     def started(self, delivery: Delivery, requeue_if_lost: bool) -> None:
@@ -1073,7 +1079,7 @@ class AMQPConsumer(Consumer):
         with self._lock:
             held = [h for h in self._held.values() if h.gen == self._gen and not h.acked]
             held += [h for h in self._ready if h.gen == self._gen]
-            held += [h for _, _, h in self._waiting if h.gen == self._gen]
+            held += [h for _, _, _, h in self._waiting if h.gen == self._gen]
             self._held.clear()
             self._ready.clear()
             self._waiting.clear()

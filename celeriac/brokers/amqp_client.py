@@ -884,6 +884,7 @@ class Connection:
             if cid == self._next_id:
                 self._next_id += 1
             ch = Channel(self, cid)
+            ch.is_open = True
             self.channels[cid] = ch
             chans.append(ch)
             frames.append(ch._method_frame(20, 10, _shortstr("")))
@@ -892,7 +893,6 @@ class Connection:
         out: list[bytes | ChannelClosed] = []
         closing: list[Channel] = []
         for ch in chans:
-            ch.is_open = True
             try:
                 ch._expect([CHANNEL_OPEN_OK], timeout)
                 _m, payload, _ = ch._expect([reply], timeout)

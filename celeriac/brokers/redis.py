@@ -466,6 +466,11 @@ class RedisBroker(Broker):
                 lists.setdefault(key, []).append(envelope)
 
         def send(client: redis.Redis) -> None:
+            if len(lists) == 1 and not delayed:
+                # One LPUSH is atomic on its own: no MULTI round trip to pay.
+                [(key, envelopes)] = lists.items()
+                client.lpush(key, *envelopes)
+                return
             pipe = client.pipeline(transaction=True)
             for key, envelopes in lists.items():
                 pipe.lpush(key, *envelopes)

@@ -92,6 +92,7 @@ class ChildWorker:
         handler = MessageHandler(app, cfg.hostname, self.revoked, self.slots, cfg.first_slot)
         handler.rate_divisor = cfg.rate_divisor
         consumer = self._consumer = broker.consumer(cfg.queues, cfg.consumer_id)
+        handler.on_start = consumer.started
         revocations = self._revocations = broker.subscribe(REVOKE_CHANNEL)
         pool = None
         if cfg.pool == "threads":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,9 @@ class MessageHandler:
         self.soft_limit = SoftLimit()
         self.pid = os.getpid()
         self.rate_divisor = 1
+        # Told when a task starts (consumer.started): brokers whose server requeues all a
+        # dead connection held (AMQP) ack there what must not run again after a crash.
+        self.on_start: Callable[[Delivery, bool], None] | None = None
 
     # -- failures that never reach the task -------------------------------------------------
 
@@ -174,6 +178,8 @@ class MessageHandler:
         if slots is not None:
             flags = (ACKS_LATE if acks_late else 0) | (REJECT_ON_WORKER_LOST if reject_lost else 0)
             slots.start(index, req.id, delivery.tag, req.name, flags, hard)
+        if self.on_start is not None:
+            self.on_start(delivery, acks_late)
         track = self.track_started if task.track_started is None else task.track_started
         if track:
             self.app.backend.store([build_meta(

@@ -36,6 +36,12 @@ class Impl:
     leases: bool = False
     # The store drops expired documents itself, so ``cleanup()`` has nothing to do.
     self_expiring: bool = False
+    # The server takes back what a dead consumer's connection held, by itself (RabbitMQ):
+    # ``recover_stale`` has nothing left to do.
+    server_recovers: bool = False
+    # Any client reads any result (not so for rpc://: results go to the caller that
+    # sent the task, and each instance is such a caller).
+    shared_results: bool = True
     # Sort key of a priority: lower is served first. Most brokers serve higher numbers
     # first; Redis follows kombu (lower numbers first, in buckets 0/3/6/9) so Celery
     # clients and workers on the same queues agree with it.
@@ -48,6 +54,19 @@ def _redis_url(tmp: Path) -> str:
     return redis_support.shared_url(prefix=redis_support.new_prefix("conf"))
 
 
+def _rabbitmq_url(tmp: Path) -> str:
+    from tests.apps import amqp_support
+
+    # A private vhost per test; priority queues (x-max-priority) as the suite expects.
+    return amqp_support.url(query="max_priority=10")
+
+
+def _rpc_url(tmp: Path) -> str:
+    from tests.apps import amqp_support
+
+    return "rpc+" + amqp_support.url()
+
+
 def _kombu_rank(priority: int) -> int:
     return (0, 0, 0, 3, 3, 3, 6, 6, 6, 9)[min(max(priority, 0), 9)]
 
@@ -57,6 +76,7 @@ BROKERS: list[Impl] = [
     Impl("sqlite", lambda tmp: f"sqlite:///{tmp}/b.db", cross_process=True, leases=True),
     Impl("redis", _redis_url, cross_process=True, leases=True, priority_rank=_kombu_rank,
          cleanup=redis_support.cleanup_url),
+    Impl("rabbitmq", _rabbitmq_url, cross_process=True, server_recovers=True),
 ]
 
 BACKENDS: list[Impl] = [
@@ -64,6 +84,7 @@ BACKENDS: list[Impl] = [
     Impl("sqlite", lambda tmp: f"sqlite:///{tmp}/r.db", cross_process=True),
     Impl("redis", _redis_url, cross_process=True, self_expiring=True,
          cleanup=redis_support.cleanup_url),
+    Impl("rpc", _rpc_url, self_expiring=True, shared_results=False),
 ]
 
 
@@ -159,6 +180,12 @@ def leased_bh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker
 
 @pytest.fixture(params=params(BACKENDS))
 def rh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
+    yield from _backend_harness(request.param, tmp_path)
+
+
+@pytest.fixture(params=params(BACKENDS, shared_results=True))
+def sharing_rh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendHarness]:
+    """A backend whose results every instance on the URL reads."""
     yield from _backend_harness(request.param, tmp_path)
 
 

@@ -788,7 +788,11 @@ def test_process_killed_while_holding_is_recovered(
     assert bh.broker.recover_stale(3600) == 0  # the child is alive
     assert bh.broker.queue_size("q") == 0
     proc.kill()
-    assert bh.broker.recover_stale(3600) == 1
+    if bh.impl.server_recovers:
+        # The server took the message back when the process's connection closed.
+        assert bh.broker.recover_stale(3600) == 0
+    else:
+        assert bh.broker.recover_stale(3600) == 1
     assert bh.broker.recover_stale(3600) == 0
     [again] = bh.consumer(["q"]).fetch(10, WAIT)
     # It may have been running when the process died: that delivery counts.

@@ -31,28 +31,28 @@ def make_app(broker: str, backend: str, prefix: str, **conf: Any) -> Celery:
         **conf,
     )
 
-    @app.task(name="interop.add")
+    @app.task(name="interop.add", shared=False)
     def add(x: int, y: int) -> int:
         return x + y
 
-    @app.task(name="interop.mul")
+    @app.task(name="interop.mul", shared=False)
     def mul(x: int, y: int) -> int:
         return x * y
 
-    @app.task(name="interop.echo")
+    @app.task(name="interop.echo", shared=False)
     def echo(*args: object, **kwargs: object) -> dict[str, object]:
         return {"args": list(args), "kwargs": kwargs, "impl": IMPL}
 
-    @app.task(name="interop.fail")
+    @app.task(name="interop.fail", shared=False)
     def fail(message: str = "bad thing") -> None:
         raise ValueError(message)
 
-    @app.task(name="interop.record")
+    @app.task(name="interop.record", shared=False)
     def record(d: str, name: str, value: str) -> str:
         append(d, name, f"{value} {time.time()!r} {IMPL}")
         return value
 
-    @app.task(name="interop.retrying", bind=True, max_retries=5)
+    @app.task(name="interop.retrying", bind=True, max_retries=5, shared=False)
     def retrying(self: Any, fails: int) -> dict[str, object]:
         if self.request.retries < fails:
             raise self.retry(exc=KeyError(f"again {self.request.retries}"), countdown=0.2)

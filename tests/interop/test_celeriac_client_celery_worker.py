@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from celeriac import Celery, chain, group
+from celeriac import Celery
 from celeriac.exceptions import TaskRevokedError
 from tests.apps import interop_tasks as it
 from tests.interop.conftest import Interop
@@ -93,8 +94,10 @@ def test_priorities_follow_kombu(celeriac_app: Celery, interop: Interop,
     assert [r[0] for r in lines(interop.dir, "prio")] == ["c", "f", "d", "b", "a", "e"]
 
 
-def test_chain_and_group(celeriac_app: Celery, celery_worker: Callable[..., Any]) -> None:
+def test_group_members(celeriac_app: Celery, celery_worker: Callable[..., Any]) -> None:
+    """Group members as the canvas sends them (group id and index in the headers)."""
     celery_worker()
-    assert chain(it.add.s(2, 2), it.mul.s(5), it.add.s(1))().get(timeout=15) == 21
-    grp = group(it.add.s(i, i) for i in range(5))()
-    assert grp.get(timeout=15) == [0, 2, 4, 6, 8]
+    group_id = str(uuid.uuid4())
+    members = [it.add.apply_async((i, i), group_id=group_id, group_index=i) for i in range(5)]
+    assert celeriac_app.GroupResult(group_id, members).get(timeout=15) == [0, 2, 4, 6, 8]
+    assert all(m.backend.get(m.id)["group_id"] == group_id for m in members)
