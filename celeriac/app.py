@@ -13,7 +13,8 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -37,7 +38,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_SQLITE_URL = "sqlite:///celeriac.db"
 REVOKE_CHANNEL = "celeriac.revoked"
 
+# How long the worker that completed a chord keeps its claim while it sends the body.
+CHORD_SEND_SECONDS = 60
+
 _current: list[Celery] = []
+_batch = threading.local()  # app._publishing(): messages waiting to be published
 _shared_tasks: list[Callable[[Celery], Any]] = []
 _all_apps: list[Celery] = []
 
@@ -245,6 +250,9 @@ class Celery:
         if self._finalized:
             return
         self._finalized = True
+        from celeriac.builtins import register_builtins
+
+        register_builtins(self)  # the tasks Celery clients may send (celery.chord_unlock, ...)
         while self._pending:
             self._pending.pop(0)()
         for module in tuple(self.conf.include) + tuple(self.conf.imports):
@@ -499,12 +507,11 @@ class Celery:
             serializer=serializer or conf.task_serializer,
             max_size=conf.task_max_message_size,
         )
-        if ignore_result is not True:
-            # rpc:// declares the reply queue before the first task that may answer in it.
-            self.backend.on_task_call(task_id, reply_to or self.oid)
-        self.broker.publish(
-            queue_name, [message], not_before=eta.timestamp() if eta is not None else None
-        )
+        if ignore_result is not True and reply_to is None:
+            # rpc:// declares this client's reply queue before the first task answering in it
+            # (not for a retry or chain step a worker sends on behalf of another client).
+            self.backend.on_task_call(task_id, self.oid)
+        self._publish(queue_name, message, eta.timestamp() if eta is not None else None)
         return AsyncResult(task_id, app=self, task_name=name)
 
     @property
@@ -552,6 +559,75 @@ class Celery:
         kwargs.setdefault("app", self)
         return signature(*args, **kwargs)
 
+    # Messages sent inside ``with app._publishing():`` are published together, per queue.
+    _PUBLISH_CHUNK = 1000
+
+    @contextmanager
+    def _publishing(self) -> Iterator[None]:
+        """Publish the messages sent inside in batches (a group's members, a chord's header).
+
+        Nothing is published if the block raises: a chord never runs with half a header.
+        """
+        batches: dict[int, list[tuple[str, Any, float | None]]] = _batch.__dict__.setdefault(
+            "pending", {})
+        if id(self) in batches:
+            yield  # an enclosing block publishes
+            return
+        pending = batches[id(self)] = []
+        try:
+            yield
+            start = 0
+            while start < len(pending):
+                queue, _, not_before = pending[start]
+                stop = start + 1
+                while (stop < len(pending) and stop - start < self._PUBLISH_CHUNK
+                       and pending[stop][0] == queue and pending[stop][2] == not_before):
+                    stop += 1
+                self.broker.publish(queue, [m for _, m, _ in pending[start:stop]],
+                                    not_before=not_before)
+                start = stop
+        finally:
+            del batches[id(self)]
+
+    def _publish(self, queue: str, message: Any, not_before: float | None) -> None:
+        pending = getattr(_batch, "pending", {}).get(id(self))
+        if pending is not None:
+            pending.append((queue, message, not_before))
+        else:
+            self.broker.publish(queue, [message], not_before=not_before)
+
+    def _send_task_signature(self, name: str, args: list[Any], kwargs: dict[str, Any],
+                             options: dict[str, Any]) -> AsyncResult[Any]:
+        """Send one task of a signature (its options as apply_async takes them)."""
+        from celeriac.canvas import _wire
+
+        opts = dict(options)
+        for key in ("chain", "chord"):
+            if opts.get(key):
+                opts[key] = _wire(opts[key])
+            else:
+                opts.pop(key, None)
+        task = self.tasks.get(name)
+        if task is not None:
+            return task.apply_async(args, kwargs, **opts)
+        return self.send_task(name, args, kwargs, **opts)
+
+    def _send_chain(self, ch: chain, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
+        return ch.clone()._apply(args, kwargs, options)
+
+    def _send_group(self, grp: group, args: Any, kwargs: Any,
+                    options: dict[str, Any]) -> GroupResult:
+        return grp.clone()._apply(args, kwargs, options)
+
+    def _send_chord(self, ch: chord, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
+        return ch.clone()._apply(args, kwargs, options)
+
+    def _chord_start(self, group_id: str, size: int) -> None:
+        """Before a chord's header is sent: the backend learns how many results to expect."""
+        self.backend.chord_set_size(group_id, size)
+
+    # -- after a task returns (called by trace.py in the worker, and eagerly) --------------------
+
     def _apply_callback(self, callback: dict[str, Any], retval: Any,
                         request: Context) -> list[Any] | None:
         from celeriac.canvas import maybe_signature
@@ -559,80 +635,169 @@ class Celery:
         sig = maybe_signature(callback, self)
         if sig is None:
             return None
-        result = sig.clone([retval]).apply_async()
-        return result.as_tuple() if hasattr(result, "as_tuple") else None
+        return _as_tuple(sig._apply([retval], None, {}))
 
     def _apply_errback(self, errback: dict[str, Any], request: Context, exc: BaseException,
-                       trace: str) -> None:
-        from celeriac.canvas import maybe_signature
+                       trace: str | None) -> None:
+        """Call an errback: ``(request, exc, traceback)`` in this process if the task takes
+        three arguments (Celery's new form), else send it with the failed task's id."""
+        from celeriac.canvas import Signature, maybe_signature
 
         sig = maybe_signature(errback, self)
-        if sig is not None:
-            # Celery's classic errback form: the failed task's id is the first argument.
-            sig.clone([request.id]).apply_async()
+        if sig is None:
+            return
+        task = self.tasks.get(sig.task) if type(sig) is Signature else None
+        if task is not None and not sig.immutable and _takes_request(task, sig):
+            try:
+                task(request, exc, trace, *sig.args, **sig.kwargs)
+            except Exception:
+                self.log.exception("Errback %s of %s raised", sig.task, request.id)
+            return
+        if request.is_eager:
+            sig.apply([request.id])
+        else:
+            sig._apply([request.id], None, {})
 
     def _apply_chain_step(self, remaining: list[dict[str, Any]], retval: Any,
                           request: Context) -> list[Any] | None:
+        """Send the next step of a chain (the last element of ``embed.chain``)."""
         from celeriac.canvas import maybe_signature
 
         steps = list(remaining)
         nxt = maybe_signature(steps.pop(), self)
         if nxt is None:
             return None
-        sig = nxt.clone([retval])
-        opts = dict(sig.options)
-        opts["chain"] = steps
-        result = self._send_signature(sig, opts)
-        return result.as_tuple() if hasattr(result, "as_tuple") else None
-
-    def _send_signature(self, sig: Signature, opts: dict[str, Any]) -> Any:
-        opts = dict(opts)
-        link = opts.pop("link", None)
-        link_error = opts.pop("link_error", None)
-        task = self.tasks.get(sig.task)
-        return self._send(sig.task, sig["args"], sig["kwargs"], task=task, link=link,
-                          link_error=link_error, **opts)
-
-    def _send_chain(self, ch: chain, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
-
-        tasks = [t.clone() for t in ch.tasks]
-        if not tasks:
-            raise ValueError("cannot send an empty chain")
-        if args or kwargs:
-            tasks[0] = tasks[0].clone(args, kwargs)
-        results = [t.freeze() for t in tasks]
-        for index in range(1, len(results)):
-            results[index].parent = results[index - 1]
-        first = tasks[0]
-        rest = [t.to_wire() for t in reversed(tasks[1:])]
-        if self.conf.task_always_eager:
-            return ch.apply(args, kwargs)
-        opts = {**first.options, **options, "chain": rest or None}
-        self._send_signature(first, opts)
-        last: AsyncResult[Any] = results[-1]
-        return last
-
-    def _send_group(self, grp: group, args: Any, kwargs: Any,
-                    options: dict[str, Any]) -> GroupResult:
-        from celeriac.result import GroupResult
-
-        if self.conf.task_always_eager:
-            return grp.apply(args, kwargs, **options)
-        group_id = options.pop("group_id", None) or str(uuid.uuid4())
-        results = []
-        for index, sig in enumerate(grp.tasks):
-            sig = sig.clone(args, kwargs)
-            result = sig.freeze()
-            opts = {**sig.options, **options, "group_id": group_id, "group_index": index}
-            self._send_signature(sig, opts)
-            results.append(result)
-        return GroupResult(group_id, results, app=self)
-
-    def _send_chord(self, ch: chord, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
-        raise NotImplementedError("chord arrives with the canvas issue")
+        return _as_tuple(nxt._apply([retval], None, {"chain": steps} if steps else {}))
 
     def _chord_part_done(self, request: Context, state: str, value: Any) -> None:
-        raise NotImplementedError("chord arrives with the canvas issue")
+        """A chord header task finished (or will never run): report it; send the body if
+        this completed the chord."""
+        from celeriac import states
+        from celeriac.protocol.errors import exception_to_dict
+
+        body, group_id = request.chord, request.group
+        if not body or not group_id or not request.id:
+            return
+        result = exception_to_dict(value) if isinstance(value, BaseException) else value
+        if state not in states.EXCEPTION_STATES and isinstance(value, BaseException):
+            state = states.FAILURE
+        try:
+            join = self.backend.chord_part_done(group_id, str(request.id), request.group_index,
+                                                state, result)
+        except Exception:
+            self.log.exception("Chord %s: could not record the outcome of %s", group_id,
+                               request.id)
+            return
+        if join is not None:
+            self._finish_chord(join, body)
+
+    def _finish_chord(self, join: Any, body_data: Any) -> None:
+        """This process completed the chord: send the body, or fail it with ChordError."""
+        from celeriac import states
+        from celeriac.canvas import maybe_signature
+        from celeriac.exceptions import ChordError
+        from celeriac.protocol.errors import exception_from_dict
+
+        body = maybe_signature(body_data, self)
+        backend = self.backend
+        failed = next((p for p in join.parts if p[1] in states.PROPAGATE_STATES), None)
+        try:
+            if failed is not None:
+                task_id, _, data = failed
+                cause = exception_from_dict(data, self._exception_registry)
+                error = ChordError(f"Dependency {task_id} raised {cause!r}")
+                error.__cause__ = cause
+                self.log.error("Chord %s failed: %s", join.group_id, error)
+                self._fail_signature(body, error, errbacks=True)
+            elif not backend.chord_extend(join, CHORD_SEND_SECONDS):
+                self.log.warning("Chord %s: another worker took over before the body was sent",
+                                 join.group_id)
+                return
+            else:
+                body._apply([[p[2] for p in join.parts]], None, {})
+        except Exception as exc:
+            self.log.exception("Chord %s: sending the body failed", join.group_id)
+            try:
+                self._fail_signature(body, ChordError(f"Callback error: {exc!r}"), errbacks=True)
+            except Exception:
+                self.log.exception("Chord %s: could not fail the body", join.group_id)
+        backend.chord_finish(join)
+
+    def _abandoned(self, request: Context, state: str, exc: BaseException) -> None:
+        """A task that will never run (revoked, expired, unknown): what waited on it fails.
+
+        The steps chained after it are marked failed and a chord it belongs to is told,
+        so neither a chain's result nor a chord waits forever.
+        """
+        if request.chain:
+            self._fail_chain(request.chain, exc, state)
+        if request.chord and request.group:
+            self._chord_part_done(request, state, exc)
+
+    def _fail_chain(self, remaining: Any, exc: BaseException, state: str = "FAILURE") -> None:
+        """A step failed: the steps after it will never run, so they fail too (as Celery
+        5.7 does). Their errbacks are not called (the failed step's already were)."""
+        from celeriac.canvas import maybe_signature
+
+        metas: list[Any] = []
+        for data in remaining or ():
+            self._fail_signature(maybe_signature(data, self), exc, state=state, _metas=metas)
+        if metas:
+            self.backend.store(metas)
+
+    def _fail_signature(self, sig: Signature, exc: BaseException, *, errbacks: bool = False,
+                        report: bool = True, state: str = "FAILURE",
+                        _metas: list[Any] | None = None) -> None:
+        """Store ``state`` with ``exc`` for every task of a signature that will never run.
+
+        With ``errbacks`` its errbacks are called; with ``report`` a chord it belongs to
+        gets its part, so nothing waits on it forever.
+        """
+        from celeriac.canvas import chain as chain_cls
+        from celeriac.canvas import chord as chord_cls
+        from celeriac.canvas import group as group_cls
+        from celeriac.canvas import maybe_signature
+        from celeriac.protocol.errors import exception_to_dict
+        from celeriac.trace import build_meta
+
+        metas: list[Any] = [] if _metas is None else _metas
+        opts = sig.options
+        if isinstance(sig, chain_cls):
+            for index, step in enumerate(sig._normalise()):
+                self._fail_signature(step, exc, errbacks=errbacks and index == 0,
+                                     report=report, state=state, _metas=metas)
+        elif isinstance(sig, group_cls):
+            for member in sig._flatten():
+                self._fail_signature(member, exc, errbacks=errbacks, report=report,
+                                     state=state, _metas=metas)
+        elif isinstance(sig, chord_cls):
+            for member in sig.header._flatten():
+                self._fail_signature(member, exc, report=False, state=state, _metas=metas)
+            if sig.body is not None:
+                self._fail_signature(sig.body, exc, errbacks=errbacks, report=report,
+                                     state=state, _metas=metas)
+        else:
+            task_id = sig.id
+            request = Context(
+                id=task_id, task=sig.task, args=sig.args, kwargs=sig.kwargs,
+                group=opts.get("group_id"), group_index=opts.get("group_index"),
+                chord=opts.get("chord"), root_id=opts.get("root_id"),
+                parent_id=opts.get("parent_id"), errbacks=opts.get("link_error"),
+                chain=opts.get("chain"), called_directly=False, is_eager=False,
+                delivery_info={}, headers={}, retries=0,
+            )
+            if task_id:
+                metas.append(build_meta(self, task_id, state, exception_to_dict(exc), request))
+            if errbacks:
+                for errback in opts.get("link_error") or ():
+                    self._apply_errback(errback, request, exc, None)
+            if report and request.chord and request.group and task_id:
+                self._chord_part_done(request, state, exc)
+        for data in opts.get("chain") or ():
+            self._fail_signature(maybe_signature(data, self), exc, report=report, state=state,
+                                 _metas=metas)
+        if _metas is None and metas:
+            self.backend.store(metas)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -656,6 +821,27 @@ class Celery:
         from celeriac.cli.main import main
 
         main(["-A", "__celeriac_app__", *(argv or ["worker"])], obj=self)
+
+
+def _as_tuple(result: Any) -> list[Any] | None:
+    as_tuple = getattr(result, "as_tuple", None)
+    return as_tuple() if as_tuple is not None else None
+
+
+def _takes_request(task: Task[Any, Any], sig: Signature) -> bool:
+    """Whether an errback takes Celery's new form ``(request, exc, traceback)``: its
+    function has more than one positional parameter left after the signature's own
+    arguments (a ``*args`` function gets the classic form: the failed task's id)."""
+    import inspect
+
+    try:
+        params = inspect.signature(task.run).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                  and p.name not in sig.kwargs]
+    return len(positional) - len(sig.args) > 1
 
 
 def _apply_router(router: Any, name: str, args: Any, kwargs: Any, options: dict[str, Any],

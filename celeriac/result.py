@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from celeriac import states
-from celeriac.exceptions import TaskRevokedError
+from celeriac.exceptions import IncompleteStream, TaskRevokedError, TimeoutError
 from celeriac.protocol.errors import exception_from_dict
 from celeriac.protocol.message import parse_time
 
@@ -209,12 +211,27 @@ class AsyncResult(Generic[R]):
         parent = self.parent
         return [[self.id, parent.as_tuple() if parent else None], None]
 
+    def iterdeps(self, intermediate: bool = False) -> Iterator[tuple[Any, Any]]:
+        """(parent, result) for this result and its children, breadth first.
+
+        Raises IncompleteStream on a result that is not ready (its children are not
+        known yet), unless ``intermediate``.
+        """
+        stack: deque[tuple[Any, Any]] = deque([(None, self)])
+        while stack:
+            parent, node = stack.popleft()
+            yield parent, node
+            if node.ready():
+                stack.extend((node, child) for child in node.children or ())
+            elif not intermediate:
+                raise IncompleteStream()
+
     def collect(self, intermediate: bool = False, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
-        """Walk the result graph depth first, yielding (result, value) pairs."""
-        value = self.get(**kwargs)
-        yield self, value
-        for child in self.children:
-            yield from child.collect(intermediate=intermediate, **kwargs)
+        """(result, value) for this result and every child (a chain's next steps,
+        callbacks, a group's members), breadth first, as Celery's ``collect()``."""
+        kwargs.setdefault("disable_sync_subtasks", False)
+        for _, node in self.iterdeps(intermediate=intermediate):
+            yield node, node.get(**kwargs)
 
 
 class EagerResult(AsyncResult[R]):
@@ -251,10 +268,19 @@ class EagerResult(AsyncResult[R]):
         self._state = states.REVOKED
 
 
-class ResultSet:
-    """Several results waited on together."""
+# ResultSet.join reads results in windows that double while they are all ready (up to
+# this many per round trip) and shrink to one when it has to wait: every result is read
+# a bounded number of times, so joining n results costs O(n), not O(n^2).
+_JOIN_WINDOW = 1000
 
-    def __init__(self, results: Sequence[AsyncResult[Any]], app: Celery | None = None) -> None:
+
+class ResultSet:
+    """Several results waited on together (in order)."""
+
+    supports_native_join = True
+
+    def __init__(self, results: Sequence[Any], app: Celery | None = None,
+                 **_: Any) -> None:
         from celeriac.app import current_app
 
         self.app = app or current_app()
@@ -263,33 +289,90 @@ class ResultSet:
     def __len__(self) -> int:
         return len(self.results)
 
-    def __iter__(self) -> Iterator[AsyncResult[Any]]:
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.results)
 
-    def __getitem__(self, index: int) -> AsyncResult[Any]:
+    def __getitem__(self, index: int) -> Any:
         return self.results[index]
 
-    def add(self, result: AsyncResult[Any]) -> None:
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ResultSet):
+            return other.results == self.results
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(r.id for r in self.results))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: [{', '.join(r.id for r in self.results)}]>"
+
+    def add(self, result: Any) -> None:
         if result not in self.results:
             self.results.append(result)
 
+    def update(self, results: Sequence[Any]) -> None:
+        for result in results:
+            self.add(result)
+
+    def remove(self, result: Any) -> None:
+        if isinstance(result, str):
+            result = AsyncResult(result, app=self.app)
+        self.results.remove(result)
+
+    def discard(self, result: Any) -> None:
+        try:
+            self.remove(result)
+        except ValueError:
+            pass
+
+    def clear(self) -> None:
+        self.results.clear()
+
+    # -- state, read in one round trip -------------------------------------------------------
+
+    def _read(self) -> None:
+        """Cache the documents of the results that are ready (one read for all)."""
+        pending = [r.id for r in self.results
+                   if isinstance(r, AsyncResult) and r._cache is None
+                   and not isinstance(r, EagerResult)]
+        if pending:
+            _cache_ready(self.app, self.results, self.app.backend.get_many(pending))
+
+    def _states(self) -> list[str]:
+        self._read()
+        out = []
+        for r in self.results:
+            if isinstance(r, ResultSet):
+                out.append(states.SUCCESS if r.successful() else
+                           states.FAILURE if r.failed() else
+                           states.SUCCESS if r.ready() else states.PENDING)
+            elif isinstance(r, EagerResult) or r._cache is not None:
+                out.append(r.state)
+            else:
+                out.append(states.PENDING)
+        return out
+
     def completed_count(self) -> int:
-        return sum(1 for r in self.results if r.successful())
+        """How many results succeeded."""
+        return sum(1 for state in self._states() if state == states.SUCCESS)
 
     def ready(self) -> bool:
-        return all(r.ready() for r in self.results)
+        return all(state in states.READY_STATES for state in self._states())
 
     def successful(self) -> bool:
-        return all(r.successful() for r in self.results)
+        return all(state == states.SUCCESS for state in self._states())
 
     def failed(self) -> bool:
-        return any(r.failed() for r in self.results)
+        return any(state == states.FAILURE for state in self._states())
 
     def waiting(self) -> bool:
         return not self.ready()
 
-    def revoke(self, terminate: bool = False, signal: str | None = None, **_: Any) -> None:
-        self.app.control.revoke([r.id for r in self.results], terminate=terminate, signal=signal)
+    def revoke(self, connection: Any = None, terminate: bool = False,
+               signal: str | None = None, wait: bool = False, timeout: float | None = None,
+               **_: Any) -> None:
+        self.app.control.revoke(list(_leaf_ids(self.results)), terminate=terminate,
+                                signal=signal)
 
     def forget(self) -> None:
         for r in self.results:
@@ -297,62 +380,132 @@ class ResultSet:
 
     def join(
         self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
+        callback: Callable[[str, Any], Any] | None = None, no_ack: bool = True,
+        on_message: Callable[..., Any] | None = None,
+        on_interval: Callable[[], Any] | None = None,
         disable_sync_subtasks: bool = True, **_: Any,
     ) -> list[Any]:
-        """Results in order; waits on all at once (one wait, not one per result)."""
+        """The results in order; raises the first failure met (with ``propagate``).
+
+        With ``callback`` each ``(task id, value)`` is passed to it instead of collected.
+        """
         if disable_sync_subtasks:
             _assert_not_in_task(self.app)
-        pending = [r.id for r in self.results
-                   if r._cache is None and not isinstance(r, EagerResult)]
-        if pending:
-            waited = self.app.backend.wait(pending, timeout, max(interval, 1.0))
-            metas = {m["task_id"]: m for m in waited}
-            for r in self.results:
-                if r.id in metas:
-                    r._cache = metas[r.id]
-        return [r.get(propagate=propagate, disable_sync_subtasks=False) for r in self.results]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backend = self.app.backend
+        results, values, window, pos = self.results, [], 1, 0
+
+        def left() -> float | None:
+            if deadline is None:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("The operation timed out.")
+            return remaining
+
+        while pos < len(results):
+            r = results[pos]
+            if isinstance(r, ResultSet):
+                value: Any = r.join(timeout=left(), propagate=propagate, interval=interval,
+                                    disable_sync_subtasks=False)
+            elif isinstance(r, EagerResult) or r._cache is not None:
+                value = r.get(propagate=propagate, disable_sync_subtasks=False)
+            else:
+                # Read a window of the results from here on; all ready: the window grows.
+                ids: list[str] = []
+                end = pos
+                while end < len(results) and len(ids) < window:
+                    x = results[end]
+                    if isinstance(x, AsyncResult) and x._cache is None \
+                            and not isinstance(x, EagerResult):
+                        ids.append(x.id)
+                    end += 1
+                _cache_ready(self.app, results[pos:end], backend.get_many(ids))
+                if r._cache is not None:
+                    window = min(window * 2, _JOIN_WINDOW)
+                    continue
+                window = 1
+                value = r.get(timeout=left(), propagate=propagate, interval=interval,
+                              on_message=on_message, disable_sync_subtasks=False)
+            if callback is not None:
+                callback(r.id, value)
+            else:
+                values.append(value)
+            pos += 1
+        return values
 
     get = join
 
     def join_native(self, *args: Any, **kwargs: Any) -> list[Any]:
         return self.join(*args, **kwargs)
 
+    def iterate(self, timeout: float | None = None, propagate: bool = True,
+                interval: float = 0.5) -> Iterator[Any]:
+        yield from self.join(timeout=timeout, propagate=propagate, interval=interval)
+
+
+def _cache_ready(app: Celery, results: Sequence[Any], metas: dict[str, TaskMeta]) -> None:
+    for r in results:
+        if isinstance(r, AsyncResult) and r._cache is None:
+            meta = metas.get(r.id)
+            if meta is not None and meta.get("status") in states.READY_STATES:
+                r._cache = meta
+
+
+def _leaf_ids(results: Sequence[Any]) -> Iterator[str]:
+    for r in results:
+        if isinstance(r, ResultSet):
+            yield from _leaf_ids(r.results)
+        else:
+            yield r.id
+
 
 class GroupResult(ResultSet):
-    """The results of a group, with the group's id."""
+    """The results of a group, with the group's id (``save()``/``restore()`` by id)."""
 
     def __init__(
-        self, id: str | None = None, results: Sequence[AsyncResult[Any]] = (),
-        parent: AsyncResult[Any] | None = None, app: Celery | None = None,
+        self, id: str | None = None, results: Sequence[Any] = (),
+        parent: Any = None, app: Celery | None = None, **kwargs: Any,
     ) -> None:
-        super().__init__(results, app=app)
+        super().__init__(results, app=app, **kwargs)
         self.id = id
         self.parent = parent
 
     def __repr__(self) -> str:
-        return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
+        return f"<GroupResult: {self.id} [{', '.join(r.id or '' for r in self.results)}]>"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, GroupResult):
+            return other.id == self.id and other.results == self.results
+        if isinstance(other, str):
+            return other == self.id
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.id)
 
     @property
-    def children(self) -> list[AsyncResult[Any]]:
+    def children(self) -> list[Any]:
         return self.results
 
     def as_tuple(self) -> list[Any]:
         return [[self.id, self.parent.as_tuple() if self.parent else None],
                 [r.as_tuple() for r in self.results]]
 
-    def save(self) -> GroupResult:
-        self.app.backend.save_group(str(self.id), self.as_tuple())
+    def save(self, backend: Any = None) -> GroupResult:
+        """Store the group's membership, so ``GroupResult.restore(id)`` finds it."""
+        (backend or self.app.backend).save_group(str(self.id), self.as_tuple())
         return self
 
-    def delete(self) -> None:
-        self.app.backend.delete_group(str(self.id))
+    def delete(self, backend: Any = None) -> None:
+        (backend or self.app.backend).delete_group(str(self.id))
 
     @classmethod
     def restore(cls, id: str, backend: Any = None, app: Celery | None = None) -> GroupResult | None:
         from celeriac.app import current_app
 
         app = app or current_app()
-        data = app.backend.restore_group(id)
+        data = (backend or app.backend).restore_group(id)
         if data is None:
             return None
         restored = result_from_tuple(data, app)

@@ -206,6 +206,10 @@ def _failed(app: Celery, task: Task[Any, Any], request: Context, exc: BaseExcept
     if request.errbacks:
         for errback in request.errbacks:
             app._apply_errback(errback, request, exc, trace)
+    if request.chain:
+        # The steps after this one will never run: they fail too (as in Celery 5.7), so
+        # neither the chain's result nor a chord waiting on its last step hangs.
+        app._fail_chain(request.chain, exc)
     if request.chord and request.group:
         app._chord_part_done(request, states.FAILURE, exc)
     try:

@@ -240,7 +240,8 @@ def consumer_pids(url: str) -> set[int]:
         broker.close()
     pids = set()
     for value in info.values():
-        pid = value.decode().rpartition("\n")[2]
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        pid = text.rpartition("\n")[2]
         if pid.isdigit():
             pids.add(int(pid))
     return pids

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -41,10 +42,10 @@ def broker(prefix: str) -> Iterator[RedisBroker]:
     b.close()
 
 
-def raw_envelope(task_id: str = "c96f715f-4a13-4f86-b861-d5b73e798424", **extra: object) -> dict:
+def raw_envelope(task_id: str = "c96f715f-4a13-4f86-b861-d5b73e798424") -> dict[str, Any]:
     """A message exactly as a Celery 5.7 client LPUSHes it (PROTOCOL.md §1.5)."""
     body = [[2, 2], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    env = {
+    env: dict[str, Any] = {
         "body": base64.b64encode(json.dumps(body).encode()).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
@@ -60,7 +61,6 @@ def raw_envelope(task_id: str = "c96f715f-4a13-4f86-b861-d5b73e798424", **extra:
                        "priority": 0, "body_encoding": "base64",
                        "delivery_tag": "0e584438-c1b2-48f0-9f24-745c37e46529"},
     }
-    env.update(extra)
     return env
 
 
@@ -243,8 +243,12 @@ def test_publish_never_reports_success_while_redis_is_down(tmp_path: Path) -> No
         broker.publish_retry_policy = {"max_retries": None, "interval_start": 0,
                                        "interval_step": 0.05, "interval_max": 0.2}
         done = threading.Event()
-        thread = threading.Thread(
-            target=lambda: (broker.publish("q", [Message({"n": 2}, {}, b"")]), done.set()))
+
+        def publish() -> None:
+            broker.publish("q", [Message({"n": 2}, {}, b"")])
+            done.set()
+
+        thread = threading.Thread(target=publish)
         thread.start()
         assert not done.wait(0.5)  # Redis is down: it is still retrying
         server.start()

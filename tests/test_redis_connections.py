@@ -163,7 +163,8 @@ def test_sentinel_follows_the_master_across_a_failover(tmp_path: Path) -> None:
                  message="the replica to be promoted")
         # Sentinel's view (what clients ask) switches once the failover is complete, and
         # the old master then refuses writes as a replica.
-        wait_for(lambda: int(admin.sentinel_masters()["mymaster"]["port"]) == replica.port,
+        wait_for(lambda: int(admin.sentinel_masters()["mymaster"]["port"])  # type: ignore[call-overload]
+                 == replica.port,
                  30, interval=0.1, message="sentinel to switch to the new master")
         wait_for(lambda: master.client().info("replication")["role"] == "slave", 30,
                  interval=0.1, message="the old master to become a replica")

@@ -118,7 +118,7 @@ class RPCBackend(ResultBackend):
         self._claims: dict[str, tuple[Channel, list[Incoming], list[Incoming],
                                       dict[str, Any]]] = {}
 
-    # -- configuration -------------------------------------------------------------------------
+    # -- configuration ---------------------------------------------------------------------------
 
     def configure(self, conf: Any) -> None:
         if self.broker_url is None:
@@ -134,7 +134,7 @@ class RPCBackend(ResultBackend):
         url = self.broker_url
         if isinstance(url, list | tuple):
             url = ";".join(url)
-        if not url or not str(url).split("://", 1)[0].split("+")[-1] in ("amqp", "amqps",
+        if not url or str(url).split("://", 1)[0].split("+")[-1] not in ("amqp", "amqps",
                                                                            "pyamqp"):
             raise ImproperlyConfigured(
                 f"result_backend={self.url!r} needs an AMQP broker (broker_url is {url!r}); "
@@ -153,7 +153,7 @@ class RPCBackend(ResultBackend):
         else:
             self._declared_groups.clear()
 
-    # -- the caller's side: reply queues ----------------------------------------------------------
+    # -- the caller's side: reply queues ---------------------------------------------------------
 
     def _queue_args(self) -> dict[str, Any] | None:
         return {"x-expires": int(self.expires * 1000)} if self.expires else None
@@ -240,7 +240,7 @@ class RPCBackend(ResultBackend):
             return None
         return dict(meta)
 
-    # -- the interface -----------------------------------------------------------------------------
+    # -- the interface ---------------------------------------------------------------------------
 
     def _put(self, items: Sequence[tuple[str, str, bytes]], ttl: float | None) -> None:
         raise NotImplementedError  # store() is overridden
@@ -343,7 +343,7 @@ class RPCBackend(ResultBackend):
     def cleanup(self) -> int:
         return 0  # results expire with their messages and their queue
 
-    # -- groups ------------------------------------------------------------------------------------
+    # -- groups ----------------------------------------------------------------------------------
 
     def _group_queue(self, ch: Channel, group_id: str) -> str:
         name = GROUP_PREFIX + group_id
@@ -408,7 +408,7 @@ class RPCBackend(ResultBackend):
 
         self._publishing(action, "delete group")
 
-    # -- chords ------------------------------------------------------------------------------------
+    # -- chords ----------------------------------------------------------------------------------
     #
     # Per chord: ``celeriac.chord.<gid>`` holds one message per header result (a server-side
     # counter: its message count), ``.state`` one document {size, extra, done, version}, and

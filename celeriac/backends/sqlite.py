@@ -71,18 +71,22 @@ class SQLiteBackend(ResultBackend):
 
     def _put(self, items: Sequence[tuple[str, str, bytes]], ttl: float | None) -> None:
         expires = time.time() + ttl if ttl else None
+        sql = (
+            "INSERT OR REPLACE INTO celeriac_results(key, status, expires, doc) VALUES (?, ?, ?, ?)"
+        )
+        rows = [(key, status, expires, doc) for key, status, doc in items]
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.executemany(
-                    "INSERT OR REPLACE INTO celeriac_results(key, status, expires, doc)"
-                    " VALUES (?, ?, ?, ?)",
-                    [(key, status, expires, doc) for key, status, doc in items],
-                )
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+            if len(rows) == 1:
+                # One statement is atomic by itself: no BEGIN/COMMIT round trips.
+                self._conn.execute(sql, rows[0])
+            else:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._conn.executemany(sql, rows)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
         self._notifier.notify()
 
     def _fetch(self, keys: Sequence[str]) -> list[bytes | None]:

@@ -47,6 +47,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -59,7 +60,6 @@ from celeriac.brokers.amqp_client import (
     Connection,
     ConnectionLost,
     Incoming,
-    Params,
 )
 from celeriac.brokers.base import (
     Broker,
@@ -114,7 +114,7 @@ def _opt_bool(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
 
 
-# -- messages <-> AMQP ---------------------------------------------------------------------------
+# -- messages <-> AMQP --------------------------------------------------------------------------
 
 
 def to_wire(message: Message, extra_headers: dict[str, Any] | None = None,
@@ -180,7 +180,7 @@ def _strip_delay(message: Message, ours: dict[str, Any]) -> None:
         message.properties["expiration"] = expiration
 
 
-# -- configuration -------------------------------------------------------------------------------
+# -- configuration ------------------------------------------------------------------------------
 
 
 class QueueOptions:
@@ -219,14 +219,14 @@ class Topology:
         self.exchanges: set[str] = set()
 
 
-# -- the broker ----------------------------------------------------------------------------------
+# -- the broker ---------------------------------------------------------------------------------
 
 
 class AMQPBroker(Broker):
     def __init__(self, url: str = "amqp://", **options: Any) -> None:
         self.url = url
         self.options = options
-        base, _, query = url.partition("?")
+        query = url.partition("?")[2]
         qopts = dict(p.split("=", 1) for p in query.split("&") if "=" in p) if query else {}
         self.queue_options = QueueOptions()
         self._apply_options({**qopts, **options})
@@ -287,7 +287,7 @@ class AMQPBroker(Broker):
                 if spec.get("exchange") is not None:
                     self.exchanges[spec["name"]] = (spec["exchange"], spec["routing_key"])
 
-    # -- connections ---------------------------------------------------------------------------
+    # -- connections -----------------------------------------------------------------------------
 
     def new_connection(self) -> Connection:
         conn, self._address = wire.connect_any(self._params, self._address)
@@ -347,7 +347,7 @@ class AMQPBroker(Broker):
             conn.abort()
         self._topology = Topology()
 
-    # -- declarations --------------------------------------------------------------------------
+    # -- declarations ----------------------------------------------------------------------------
 
     def declare_queue(self, ch: Channel, queue: str, topology: Topology) -> None:
         """The queue, as Celery declares it; an existing queue is used as it is."""
@@ -414,7 +414,7 @@ class AMQPBroker(Broker):
         ch.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "")
         topology.queues.add(DEAD_LETTER_QUEUE)
 
-    # -- publishing ----------------------------------------------------------------------------
+    # -- publishing ------------------------------------------------------------------------------
 
     def publish(
         self, queue: str, messages: Sequence[Message], *, not_before: float | None = None
@@ -437,7 +437,7 @@ class AMQPBroker(Broker):
 
         self._retrying(action, f"publish to exchange {exchange!r}")
 
-    # -- consuming -----------------------------------------------------------------------------
+    # -- consuming -------------------------------------------------------------------------------
 
     def consumer(self, queues: Sequence[str], consumer_id: str | None = None) -> Consumer:
         return AMQPConsumer(self, list(queues), consumer_id or new_consumer_id())
@@ -455,7 +455,7 @@ class AMQPBroker(Broker):
     def recover_stale(self, timeout: float) -> int:
         return 0  # RabbitMQ takes back what a dead connection held, at once
 
-    # -- queues -------------------------------------------------------------------------------
+    # -- queues ----------------------------------------------------------------------------------
 
     def _probe(self, names: Sequence[str], op: str) -> list[int]:
         def action(ch: Channel) -> list[int]:
@@ -494,7 +494,7 @@ class AMQPBroker(Broker):
     def purge(self, queue: str) -> int:
         return sum(self._probe(self._with_tiers(queue), "purge"))
 
-    # -- dead letters --------------------------------------------------------------------------
+    # -- dead letters ----------------------------------------------------------------------------
 
     def dead_letter(self, message: Message, queue: str, reason: str) -> None:
         info = {"id": uuid.uuid4().hex, "queue": queue, "reason": reason, "time": time.time()}
@@ -512,7 +512,7 @@ class AMQPBroker(Broker):
     def _browse_dead(self, ch: Channel, limit: int | None) -> list[tuple[Incoming, DeadLetter]]:
         """Read dead letters without removing them (caller acks or nacks them after)."""
         self.declare_dead_letters(ch, self._topology)
-        found = []
+        found: list[tuple[Incoming, DeadLetter]] = []
         while limit is None or len(found) < limit:
             got = ch.get(DEAD_LETTER_QUEUE)
             if got is None:
@@ -565,7 +565,7 @@ class AMQPBroker(Broker):
     def purge_dead_letters(self, ids: Sequence[str] | None = None) -> int:
         return self._settle_dead(ids, replay=False)
 
-    # -- broadcast ----------------------------------------------------------------------------
+    # -- broadcast -------------------------------------------------------------------------------
 
     def declare_broadcast(self, ch: Channel, channel: str, topology: Topology) -> tuple[str, str]:
         exchange = BROADCAST_PREFIX + channel
@@ -587,7 +587,12 @@ class AMQPBroker(Broker):
             props = {"content_type": "application/json", "content_encoding": "utf-8",
                      "delivery_mode": 2,
                      "headers": {H_EXPIRES: time.time() + ttl, H_BID: uuid.uuid4().hex}}
-            ch.publish_confirmed([ch.f_publish(exchange, "", body, props)], 1)
+            frames = [ch.f_publish(exchange, "", body, props)]
+            if channel == REVOKE_CHANNEL:
+                # The same revocation as Celery's control.revoke sends it, for Celery workers.
+                declare_pidbox(ch, self._topology)
+                frames.append(ch.f_publish(PIDBOX_EXCHANGE, "", *_celery_revoke(payload, ttl)))
+            ch.publish_confirmed(frames, len(frames))
 
         self._retrying(action, f"broadcast on {channel!r}")
 
@@ -599,6 +604,48 @@ class AMQPBroker(Broker):
             conn, self._conn, self._ch = self._conn, None, None
             if conn is not None and os.getpid() == self._pid:
                 conn.close()
+
+
+REVOKE_CHANNEL = "celeriac.revoked"  # control.REVOKE_CHANNEL: bridged to Celery's pidbox
+PIDBOX_EXCHANGE = "celery.pidbox"  # fanout, not durable, as Celery declares it
+
+
+def declare_pidbox(ch: Channel, topology: Topology) -> None:
+    if PIDBOX_EXCHANGE not in topology.exchanges:
+        ch.exchange_declare(PIDBOX_EXCHANGE, "fanout", durable=False)
+        topology.exchanges.add(PIDBOX_EXCHANGE)
+
+
+def _celery_revoke(payload: dict[str, Any], ttl: float) -> tuple[bytes, dict[str, Any]]:
+    body = orjson.dumps({
+        "method": "revoke",
+        "arguments": {"task_id": list(payload.get("ids") or ()),
+                      "terminate": bool(payload.get("terminate")),
+                      "signal": payload.get("signal") or "SIGTERM"},
+        "destination": None, "pattern": None, "matcher": None,
+        "ticket": str(uuid.uuid4()), "reply_to": None,
+    })
+    props = {"content_type": "application/json", "content_encoding": "utf-8",
+             "delivery_mode": 2, "headers": {"clock": 1, "expires": time.time() + ttl,
+                                             H_BID: "celery"}}
+    return body, props
+
+
+def _celery_revocation(headers: dict[str, Any], body: bytes) -> dict[str, Any] | None:
+    """A revoke sent by Celery's ``control.revoke`` (kombu pidbox), as our revocation."""
+    if H_BID in headers:
+        return None  # our own, seen on our exchange already
+    try:
+        request = orjson.loads(body)
+        if not isinstance(request, dict) or request.get("method") != "revoke":
+            return None
+        args = request.get("arguments") or {}
+        ids = args.get("task_id")
+        ids = [ids] if isinstance(ids, str) else list(ids or ())
+        return {"ids": [str(i) for i in ids], "terminate": bool(args.get("terminate")),
+                "signal": args.get("signal") or "SIGTERM", "time": time.time()}
+    except Exception:  # somebody else's control message (ping, inspect...)
+        return None
 
 
 class _Redo(Exception):
@@ -683,7 +730,7 @@ def _dead_letter_of(got: Incoming) -> DeadLetter:
     queue = str(headers.get("x-first-death-queue") or first.get("queue") or "")
     reason = str(headers.get("x-first-death-reason") or first.get("reason") or "dead-lettered")
     stamp = first.get("time")
-    when = stamp.timestamp() if hasattr(stamp, "timestamp") else time.time()
+    when = stamp.timestamp() if isinstance(stamp, datetime) else time.time()
     digest = hashlib.sha1(orjson.dumps([headers, message.properties], default=str)
                           + message.body).hexdigest()[:24]
     for key in DEATH_HEADERS:
@@ -691,7 +738,7 @@ def _dead_letter_of(got: Incoming) -> DeadLetter:
     return DeadLetter(f"rmq-{digest}", queue, f"rabbitmq: {reason}", when, message)
 
 
-# -- the consumer ------------------------------------------------------------------------------
+# -- the consumer -------------------------------------------------------------------------------
 
 
 class _Held:
@@ -731,7 +778,7 @@ class AMQPConsumer(Consumer):
         self._tag_prefix = f"celeriac.{uuid.uuid4().hex[:10]}"
         _CONSUMERS[consumer_id] = self
 
-    # -- connection -----------------------------------------------------------------------------
+    # -- connection ------------------------------------------------------------------------------
 
     def _channel(self) -> Channel:
         ch = self._ch
@@ -761,7 +808,7 @@ class AMQPConsumer(Consumer):
             self._conn.abort()
         self._conn = self._ch = None
 
-    # -- fetching -------------------------------------------------------------------------------
+    # -- fetching --------------------------------------------------------------------------------
 
     def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
@@ -925,7 +972,8 @@ class AMQPConsumer(Consumer):
                 _strip_delay(message, ours)
                 if remaining > EARLY_SLACK:
                     with self._lock:
-                        heapq.heappush(self._waiting, (float(due), -message.priority, next(self._seq), h))
+                        heapq.heappush(self._waiting,
+                                       (float(due), -message.priority, next(self._seq), h))
                     continue
             else:
                 h = _Held(inc, message, ours, queue, count, gen)
@@ -993,7 +1041,8 @@ class AMQPConsumer(Consumer):
             tags = {h.incoming.delivery_tag for h in self._held.values()
                     if h.gen == self._gen and not h.acked}
             tags.update(h.incoming.delivery_tag for h in self._ready if h.gen == self._gen)
-            tags.update(h.incoming.delivery_tag for _, _, _, h in self._waiting if h.gen == self._gen)
+            tags.update(h.incoming.delivery_tag for _, _, _, h in self._waiting
+                        if h.gen == self._gen)
         return tags
 
     def started(self, delivery: Delivery, requeue_if_lost: bool) -> None:
@@ -1162,6 +1211,10 @@ class AMQPSubscriber(Subscriber):
         exchange, stream = self.broker.declare_broadcast(ch, self.channel, topology)
         self._queue, _, _ = ch.queue_declare("", durable=False, exclusive=True, auto_delete=True)
         ch.queue_bind(self._queue, exchange, "")
+        if self.channel == REVOKE_CHANNEL:
+            # Revocations sent by Celery clients reach us too.
+            declare_pidbox(ch, topology)
+            ch.queue_bind(self._queue, PIDBOX_EXCHANGE, "")
         # What the stream kept: read it up to a marker we put at its end just now.
         marker = uuid.uuid4().hex
         got: list[Incoming] = []
@@ -1214,7 +1267,15 @@ class AMQPSubscriber(Subscriber):
             return []
         while ch.deliveries:
             inc = ch.deliveries.popleft()
-            self._keep(inc.properties.get("headers") or {}, inc.body)
+            headers = inc.properties.get("headers") or {}
+            if inc.exchange == PIDBOX_EXCHANGE:
+                found = _celery_revocation(headers, inc.body)
+                if found is not None:
+                    expires = headers.get("expires")
+                    self._pending.append((float(expires) if expires else time.time() + 3600,
+                                          uuid.uuid4().hex, orjson.dumps(found)))
+                continue
+            self._keep(headers, inc.body)
         now = time.time()
         out = [orjson.loads(body) for expires, _, body in self._pending if expires >= now]
         self._pending.clear()

@@ -125,7 +125,7 @@ class Unroutable(AMQPError):
         self.code, self.exchange, self.routing_key = code, exchange, routing_key
 
 
-# -- field tables ----------------------------------------------------------------------------
+# -- field tables -------------------------------------------------------------------------------
 
 
 def _read_shortstr(buf: bytes, off: int) -> tuple[str, int]:
@@ -263,7 +263,7 @@ def _encode_value(value: Any, out: list[bytes]) -> None:
             value = value.replace(tzinfo=UTC)
         out.append(b"T" + _U64.pack(int(value.timestamp())))
     elif isinstance(value, Decimal):
-        sign, digits, exponent = value.as_tuple()
+        exponent = value.as_tuple().exponent
         scale = -int(exponent) if isinstance(exponent, int) and exponent < 0 else 0
         unscaled = int(value.scaleb(scale))
         out.append(b"D" + _U8.pack(scale) + _I32.pack(unscaled))
@@ -376,7 +376,7 @@ def decode_properties(buf: bytes, off: int) -> dict[str, Any]:
     return props
 
 
-# -- parameters ----------------------------------------------------------------------------------
+# -- parameters ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -463,7 +463,7 @@ def make_ssl_context(options: Any) -> ssl.SSLContext:
     return ctx
 
 
-# -- incoming messages ------------------------------------------------------------------------------
+# -- incoming messages --------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -482,7 +482,7 @@ class Incoming:
     reply_text: str = ""
 
 
-# -- heartbeats ------------------------------------------------------------------------------------
+# -- heartbeats ---------------------------------------------------------------------------------
 
 _live: weakref.WeakSet[Connection] = weakref.WeakSet()
 _beat_lock = threading.Lock()
@@ -514,7 +514,7 @@ def _ensure_beating() -> None:
         _beat_thread[:] = [(pid, thread)]
 
 
-# -- connection ----------------------------------------------------------------------------------------
+# -- connection ---------------------------------------------------------------------------------
 
 
 class Connection:
@@ -588,7 +588,7 @@ class Connection:
             self.sock.settimeout(left)
             try:
                 data = self.sock.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError as exc:
                 raise ConnectionLost(f"{self.params.describe()}: {exc}") from exc
@@ -814,7 +814,7 @@ class Connection:
         elif method == CONNECTION_CLOSE_OK:
             self.closed = True
 
-    # -- failure and closing -----------------------------------------------------------------------
+    # -- failure and closing ---------------------------------------------------------------------
 
     def _lost_error(self) -> ConnectionLost:
         err = self.error
@@ -844,7 +844,8 @@ class Connection:
             return
         try:
             with self.lock:
-                self._send_method(0, 10, 50, _U16.pack(200) + _shortstr("bye") + b"\x00\x00\x00\x00")
+                self._send_method(0, 10, 50,
+                                  _U16.pack(200) + _shortstr("bye") + b"\x00\x00\x00\x00")
                 deadline = time.monotonic() + timeout
                 while not self.closed and time.monotonic() < deadline:
                     self.pump(deadline - time.monotonic())
@@ -857,7 +858,7 @@ class Connection:
         """Drop the socket without a goodbye (after a fork, or to simulate a crash)."""
         self._abort()
 
-    # -- channels ----------------------------------------------------------------------------------
+    # -- channels --------------------------------------------------------------------------------
 
     def channel(self) -> Channel:
         if self._free_ids:
@@ -939,7 +940,7 @@ class Channel:
         self.on_delivery: Callable[[Incoming], None] | None = None
         self._frame_prefix = struct.pack(">BH", FRAME_METHOD, cid)
 
-    # -- frames in --------------------------------------------------------------------------------
+    # -- frames in -------------------------------------------------------------------------------
 
     def _on_frame(self, ftype: int, payload: bytes) -> None:
         if ftype == FRAME_METHOD:
@@ -1095,8 +1096,9 @@ class Channel:
              timeout: float | None = 30.0) -> tuple[tuple[int, int], bytes, Incoming | None]:
         self.check()
         self.conn.send(frame)
-        methods = [reply] if isinstance(reply[0], int) else list(reply)  # type: ignore[list-item]
-        return self._expect(methods, timeout)  # type: ignore[arg-type]
+        methods: list[tuple[int, int]] = (
+            [reply] if isinstance(reply[0], int) else list(reply))  # type: ignore[list-item, arg-type]
+        return self._expect(methods, timeout)
 
     def drop_replies(self, method: tuple[int, int]) -> None:
         """Forget replies to pipelined calls whose answers are not needed."""
@@ -1124,7 +1126,7 @@ class Channel:
         finally:
             self.conn._release_channel(self)
 
-    # -- frames out (pipelining: build frames, send them together) --------------------------------
+    # -- frames out (pipelining: build frames, send them together) -------------------------------
 
     def f_exchange_declare(self, name: str, kind: str = "direct", durable: bool = True,
                            auto_delete: bool = False, passive: bool = False,
@@ -1195,7 +1197,7 @@ class Channel:
             self.publish_seq += 1
         return b"".join(parts)
 
-    # -- calls -------------------------------------------------------------------------------------
+    # -- calls -----------------------------------------------------------------------------------
 
     def exchange_declare(self, name: str, kind: str = "direct", durable: bool = True,
                          auto_delete: bool = False, arguments: dict[str, Any] | None = None,

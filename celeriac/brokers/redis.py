@@ -72,6 +72,7 @@ META = "celeriac"
 
 _STREAM_ID = re.compile(r"^\d+-\d+$")
 _MAX_BATCH = 1000
+REGISTER_EVERY = 30.0  # seconds between a consumer's checks that it is registered
 
 # -- Lua --------------------------------------------------------------------------------------
 # In-flight hash values and delayed-set members carry the list key the message came from:
@@ -79,14 +80,17 @@ _MAX_BATCH = 1000
 
 FETCH = """
 -- KEYS: inflight, consumers, consumer_info, <nd delayed sets>, <list keys in order>
--- ARGV: max, tag base, now (client clock), nd, consumer id, consumer info
+-- ARGV: max, tag base, now (client clock), nd, consumer id, consumer info or '' (to make
+-- sure the consumer is registered: now and then, and after connection trouble)
 local max = tonumber(ARGV[1])
 local tag = tonumber(ARGV[2])
 local now = ARGV[3]
 local nd = tonumber(ARGV[4])
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[2], 'NX', t[1] + t[2] / 1000000, ARGV[5])
-redis.call('HSETNX', KEYS[3], ARGV[5], ARGV[6])
+if ARGV[6] ~= '' then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], 'NX', t[1] + t[2] / 1000000, ARGV[5])
+  redis.call('HSETNX', KEYS[3], ARGV[5], ARGV[6])
+end
 for i = 1, nd do
   local dkey = KEYS[3 + i]
   local due = redis.call('ZRANGE', dkey, '-inf', now, 'BYSCORE', 'LIMIT', 0, 500)
@@ -362,10 +366,6 @@ def _pid_alive(pid: int) -> bool:
 # Broadcasts sent from this process: a subscriber in it syncs before reading, so it sees
 # what this process sent before (read your writes).
 _LOCAL_BROADCASTS = [0]
-
-
-def _b(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _s(value: Any) -> str:
@@ -1053,6 +1053,7 @@ class RedisConsumer(Consumer):
         self._waiter: _Waiter | None = None
         self._backoff = 0.0
         self._error_logged = 0.0
+        self._register_at = 0.0  # monotonic time the next fetch re-registers
         # Per rotation: the script's keys and which queue each list key belongs to.
         self._plans: list[tuple[list[str], list[str]]] = []
         head = [self.inflight, broker.consumers_key, broker.info_key]
@@ -1076,9 +1077,13 @@ class RedisConsumer(Consumer):
         self._rotation = (self._rotation + 1) % len(self._plans)
         base = self._tag
         self._tag += max_count  # spent even if the reply is lost, so tags never repeat
+        now = time.monotonic()
+        register = now >= self._register_at
         args = [max_count, base, repr(time.time()), len(self.queues), self.consumer_id,
-                self._info]
+                self._info if register else ""]
         reply = self.broker._run("fetch", FETCH, keys, args)
+        if register:
+            self._register_at = now + REGISTER_EVERY
         if not reply:
             return [], None
         if reply[0] == -1:
@@ -1186,6 +1191,7 @@ class RedisConsumer(Consumer):
 
     def _on_error(self, exc: BaseException, what: str) -> None:
         self.broker.connector.on_connection_error(exc)
+        self._register_at = 0.0
         now = time.monotonic()
         if now - self._error_logged > 10:
             self._error_logged = now

@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("celeriac.worker")
 
 # Results of a batch are stored (and its messages acked) together, but not behind a task
-# that may take a while: before running one not known to take less than this (seconds),
-# the results of those already run are flushed, so they are not held hostage.
-QUICK_TASK = 0.005
+# that takes a while: once the next task of the batch has run this long (seconds), a
+# helper thread stores the results of those already run, so none is held hostage.
+FLUSH_AFTER = 0.02
 
 
 @dataclass
@@ -69,7 +69,13 @@ class ChildWorker:
         self._revocations: Any = None
         self._revocations_lock = threading.Lock()
         self._revocations_polled = 0.0
-        self._runtimes: dict[str, float] = {}  # task name -> recent run time (s)
+        # Serialises settling (store, ack) between the loop and the flusher thread.
+        self._settle_lock = threading.Lock()
+        self._flush_cond = threading.Condition()
+        self._flush_at: float | None = None  # when the flusher should flush, if armed
+        self._flusher_stop = False
+        self._flusher: threading.Thread | None = None
+        self._flusher_idle = False  # waiting with no deadline: arming must wake it
 
     # -- signals -------------------------------------------------------------------------
 
@@ -128,6 +134,7 @@ class ChildWorker:
                     break
         finally:
             stop_maintenance.set()
+            self._stop_flusher()
             if pool is not None:
                 pool.shutdown(wait=True)
             self._flush(consumer, backend)
@@ -150,21 +157,18 @@ class ChildWorker:
                     backend: Any) -> None:
         for index, delivery in enumerate(batch):
             if self.stopping or self._limits_reached():
-                consumer.reject(batch[index:], requeue=True)
+                with self._settle_lock:
+                    consumer.reject(batch[index:], requeue=True)
                 break
-            name = _task_name(delivery)
             if index:
-                if self._runtimes.get(name, QUICK_TASK) >= QUICK_TASK:
-                    self._flush(consumer, backend)
                 # A prefetched message may have been revoked while earlier ones ran.
                 self._refresh_revocations()
-            started = time.monotonic()
-            self._done.append((delivery, self._handle(handler, delivery)))
+                # Should this task take a while, the results before it are stored anyway.
+                self._arm_flusher(consumer, backend)
+            settlement = self._handle(handler, delivery)
+            with self._done_lock:
+                self._done.append((delivery, settlement))
             self.tasks_done += 1
-            if name in self.app.tasks:
-                elapsed = time.monotonic() - started
-                previous = self._runtimes.get(name)
-                self._runtimes[name] = elapsed if previous is None else (previous + elapsed) / 2
         self._flush(consumer, backend)
 
     def _run_threaded(self, batch: list[Delivery], handler: MessageHandler, consumer: Consumer,
@@ -191,7 +195,56 @@ class ChildWorker:
             return Settlement(REQUEUE if isinstance(exc, KeyboardInterrupt) else ACK,
                               dead_letter=f"internal worker error: {exc!r}")
 
+    def _arm_flusher(self, consumer: Consumer, backend: Any) -> None:
+        with self._flush_cond:
+            if self._flush_at is not None or not self._done:
+                return
+            self._flush_at = time.monotonic() + FLUSH_AFTER
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._run_flusher, args=(consumer, backend),
+                    name="celeriac-flush", daemon=True,
+                )
+                self._flusher.start()
+            elif self._flusher_idle:
+                # (In a timed wait it finds the new deadline when it wakes: no switch to
+                # it per batch while batches keep coming.)
+                self._flush_cond.notify()
+
+    def _run_flusher(self, consumer: Consumer, backend: Any) -> None:
+        """Flush what a batch has done when the task now running takes a while."""
+        cond = self._flush_cond
+        while True:
+            with cond:
+                while not self._flusher_stop:
+                    due = self._flush_at
+                    now = time.monotonic()
+                    if due is not None and due <= now:
+                        break
+                    self._flusher_idle = due is None
+                    cond.wait(None if due is None else due - now)
+                self._flusher_idle = False
+                if self._flusher_stop:
+                    return
+            try:
+                self._flush(consumer, backend)
+            except Exception:  # the loop flushes again after the task; it will report
+                log.exception("Background flush failed")
+
+    def _stop_flusher(self) -> None:
+        with self._flush_cond:
+            self._flusher_stop = True
+            self._flush_cond.notify()
+        if self._flusher is not None:
+            self._flusher.join()
+
     def _flush(self, consumer: Consumer, backend: Any) -> None:
+        with self._settle_lock:
+            with self._flush_cond:
+                self._flush_at = None
+            self._flush_locked(consumer, backend)
+
+    def _flush_locked(self, consumer: Consumer, backend: Any) -> None:
         with self._done_lock:
             done, self._done = self._done, []
         if not done:
@@ -246,9 +299,3 @@ class ChildWorker:
                          os.getpid(), rss_kib, cfg.max_memory_kib)
                 return True
         return False
-
-
-def _task_name(delivery: Delivery) -> str:
-    headers = delivery.message.headers
-    name = headers.get("task") if isinstance(headers, dict) else None
-    return name if isinstance(name, str) else ""

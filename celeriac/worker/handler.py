@@ -87,12 +87,23 @@ class MessageHandler:
         meta = None
         if task_id and exc is not None:
             meta = build_meta(self.app, task_id, states.FAILURE, exception_to_dict(exc), request)
+            if request is not None:
+                self._abandoned(request, states.FAILURE, exc)
         return Settlement(ACK, meta=meta, dead_letter=reason)
+
+    def _abandoned(self, request: Context, state: str, exc: BaseException) -> None:
+        """The task will never run: its chain and chord must not wait for it."""
+        if request.chain or (request.chord and request.group):
+            try:
+                self.app._abandoned(request, state, exc)
+            except Exception:
+                log.exception("Could not fail what waits on %s", request.id)
 
     def _revoked(self, req: TaskRequest, why: str, context: Context) -> Settlement:
         log.info("Discarding revoked task: %s[%s] (%s)", req.name, req.id, why)
         exc = TaskRevokedError(why)
         meta = build_meta(self.app, req.id, states.REVOKED, exception_to_dict(exc), context)
+        self._abandoned(context, states.REVOKED, exc)
         return Settlement(ACK, meta=meta)
 
     # -- the path of every message -------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from celeriac import Celery
 from tests.apps import interop_tasks
@@ -22,6 +23,8 @@ from tests.conftest import ROOT, WorkerProcess, bind_app
 from tests.interop.celery_tasks import make_app
 from tests.redis_support import (
     INTEROP_DB,
+    REDIS_HOST,
+    REDIS_PORT,
     delete_prefix,
     new_prefix,
     shared_url,
@@ -118,6 +121,18 @@ def celeriac_worker(interop: Interop, celeriac_app: Celery,
     def start(*args: str, **kwargs: Any) -> WorkerProcess:
         env = {"CELERIAC_RESULT_BACKEND": interop.url, **kwargs.pop("env", {})}
         worker = start_worker(celeriac_app, *args, env=env, wait=False, **kwargs)
-        return wait_worker_ready(worker, interop.url)
+        wait_worker_ready(worker, interop.url)
+        # Celery's revoke is a pub/sub broadcast, not kept: wait until the supervisor and
+        # every child listen on the pidbox channel.
+        client = redis.Redis(REDIS_HOST, REDIS_PORT, db=INTEROP_DB)
+        channel = f"{interop.prefix}/{INTEROP_DB}.celery.pidbox"
+        kids = len(worker.children())
+        listeners = 1 + kids if kids else 1  # supervisor + children, or one solo process
+        try:
+            wait_for(lambda: client.pubsub_numsub(channel)[0][1] >= listeners, 20,
+                     message="the worker to listen for Celery's control messages")
+        finally:
+            client.close()
+        return worker
 
     return start
