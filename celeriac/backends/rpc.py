@@ -114,6 +114,7 @@ class RPCBackend(ResultBackend):
         self._results: dict[str, tuple[TaskMeta, float | None]] = {}
         self._queues: list[str] = []  # reply queues we consume (in this process)
         self._declared_groups: set[str] = set()
+        self._fast: Channel | None = None  # no confirms: transient results
         self._held_chords: set[str] = set()  # chords whose lock this process holds
         self._claims: dict[str, tuple[Channel, list[Incoming], list[Incoming],
                                       dict[str, Any]]] = {}
@@ -258,6 +259,7 @@ class RPCBackend(ResultBackend):
         if not metas:
             return
         frames_by: list[tuple[str, dict[str, Any], bytes]] = []
+        own = False  # stored to our own queue: read back here, so confirmed first
         expires_at = time.time() + self.expires if self.expires else None
         for meta in metas:
             doc = dict(meta)
@@ -265,6 +267,7 @@ class RPCBackend(ResultBackend):
             if not reply_to:
                 # No caller to answer (a document stored outside a task): our own queue.
                 reply_to = self.oid
+                own = True
                 if self.oid not in self._queues:
                     with self._sub.lock:
                         self._consume(self.oid)
@@ -281,10 +284,25 @@ class RPCBackend(ResultBackend):
             frames_by.append((str(reply_to), props, self.encode(doc)))
 
         def action(ch: Channel) -> None:
-            frames = [ch.f_publish("", rk, body, props) for rk, props, body in frames_by]
-            ch.publish_confirmed(frames, len(frames))
+            if self.persistent or own:
+                frames = [ch.f_publish("", rk, body, props) for rk, props, body in frames_by]
+                ch.publish_confirmed(frames, len(frames))
+                return
+            # Transient results (Celery's default): sent as Celery sends them, without
+            # waiting for a confirm (one round trip less per batch of results).
+            fast = self._fast_channel(ch)
+            ch.conn.pump(0)  # what the server sent meanwhile (a heartbeat, an error)
+            fast.check()
+            ch.conn.send(b"".join(fast.f_publish("", rk, body, props)
+                                  for rk, props, body in frames_by))
 
         self._publishing(action, "store results")
+
+    def _fast_channel(self, ch: Channel) -> Channel:
+        fast = self._fast
+        if fast is None or not fast.is_open or fast.conn is not ch.conn:
+            fast = self._fast = ch.conn.channel()
+        return fast
 
     def _publishing(self, action: Any, what: str) -> Any:
         for attempt in range(4):

@@ -229,6 +229,7 @@ class AMQPBroker(Broker):
         query = url.partition("?")[2]
         qopts = dict(p.split("=", 1) for p in query.split("&") if "=" in p) if query else {}
         self.queue_options = QueueOptions()
+        self.confirm_publish = True  # a publish returns once RabbitMQ has the message
         self._apply_options({**qopts, **options})
         self.ssl_options = options.get("ssl")
         self._params = wire.parse_url(
@@ -242,6 +243,7 @@ class AMQPBroker(Broker):
         self._conn: Connection | None = None
         self._ch: Channel | None = None
         self._topology = Topology()
+        self._fast: Channel | None = None  # confirm_publish=False: a channel without confirms
         self._address = 0
         self._pid = os.getpid()
         self.exchanges: dict[str, tuple[str, str]] = {}  # queue -> (exchange, routing key)
@@ -256,6 +258,8 @@ class AMQPBroker(Broker):
                 qo.queue_type = str(opts[key])
         if opts.get("queue_arguments"):
             qo.arguments.update(opts["queue_arguments"])
+        if "confirm_publish" in opts:
+            self.confirm_publish = _opt_bool(opts["confirm_publish"])
         if "dead_letter_exchange" in opts:
             qo.dead_letter_exchange = _opt_bool(opts["dead_letter_exchange"])
 
@@ -342,7 +346,7 @@ class AMQPBroker(Broker):
             interval = min(cap, interval + step) if cap else interval + step
 
     def _drop_connection(self) -> None:
-        conn, self._conn, self._ch = self._conn, None, None
+        conn, self._conn, self._ch, self._fast = self._conn, None, None, None
         if conn is not None:
             conn.abort()
         self._topology = Topology()
@@ -423,6 +427,12 @@ class AMQPBroker(Broker):
             return
 
         def action(ch: Channel) -> None:
+            if not self.confirm_publish:
+                fast = self._fast
+                if fast is None or not fast.is_open or fast.conn is not ch.conn:
+                    fast = self._fast = ch.conn.channel()
+                publish_on(self, fast, self._topology, queue, messages, not_before)
+                return
             publish_on(self, ch, self._topology, queue, messages, not_before)
 
         self._retrying(action, f"publish to {queue!r}")
@@ -684,6 +694,12 @@ def publish_on(broker: AMQPBroker, ch: Channel, topology: Topology, queue: str,
         else:
             props, body = to_wire(message, headers)
             frames.append(ch.f_publish("", queue, body, props, True))
+    if not ch.confirming:  # confirm_publish=False: as Celery publishes (not recommended)
+        ch.conn.pump(0)
+        ch.check()
+        ch.returned.clear()
+        ch.conn.send(b"".join(frames))
+        return ch
     try:
         ch.publish_confirmed(frames, len(frames))
     except wire.Unroutable:
