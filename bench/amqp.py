@@ -1,0 +1,278 @@
+#!/usr/bin/env python
+"""RabbitMQ benchmark: celeriac and the real Celery 5.7 on the same local RabbitMQ, one run.
+
+    .venv/bin/python bench/amqp.py                  # 20,000 tasks each, worker -c 2
+    .venv/bin/python bench/amqp.py -n 5000 --skip-celery
+    .venv/bin/python bench/amqp.py --json
+
+For each system, on a vhost of its own (deleted afterwards), results over ``rpc://``:
+
+* enqueue: ``noop.delay()`` in a loop (celeriac: publisher confirms on, so each call
+  returns once RabbitMQ has the message; Celery: its default, no confirms). celeriac is
+  also measured with ``confirm_publish=False`` for a like-for-like figure.
+* drain: N tasks queued, then ``worker -c 2`` (prefork) started; time until the queue is
+  empty and until all N results reached the reply queue (the bench counts them there with
+  passive declares, so the numbers do not depend on a client reading them).
+* round trip: ``delay().get()`` on the idle worker, p50/p99 over ``--round-trips`` calls.
+
+Targets (issue #4): drain >= 10,000/s with confirms on, round-trip p50 <= 0.7 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from celeriac.brokers import amqp_client as wire  # noqa: E402
+
+HOST, PORT = "127.0.0.1", 5672
+TARGET_DRAIN = 10_000.0
+TARGET_P50_MS = 0.7
+REPLIES = "bench-replies"
+
+
+def log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+class Worker:
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.log_path = log_path
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited ({self.proc.returncode}):\n"
+                               + self.log_path.read_text(errors="replace")[-3000:])
+
+    def stop(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait(5)
+        finally:
+            self._log.close()
+
+
+class Counter:
+    """Reads queue depths with passive declares (never consumes)."""
+
+    def __init__(self, url: str) -> None:
+        [params] = wire.parse_url(url)
+        self.conn = wire.Connection(params).connect()
+        self.ch = self.conn.channel()
+
+    def declare_replies(self) -> None:
+        self.ch.queue_declare(REPLIES, durable=True)
+
+    def depth(self, queue: str) -> int:
+        return self.ch.queue_declare(queue, passive=True)[1]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def drain(worker: Worker, counter: Counter, n: int, timeout: float) -> dict[str, float]:
+    t0 = worker.started
+    t_empty = t_first = None
+    while True:
+        time.sleep(0.01)
+        worker.check()
+        now = time.perf_counter()
+        if t_empty is None and counter.depth("celery") == 0:
+            t_empty = now
+        done = counter.depth(REPLIES)
+        if t_first is None and done:
+            t_first = now
+        if done >= n:
+            t_done = now
+            t_empty = t_empty or now
+            break
+        if now - t0 > timeout:
+            raise RuntimeError(f"drain timed out: {done}/{n} results")
+    assert t_first is not None
+    return {"startup_s": t_first - t0, "queue_empty_per_s": n / (t_empty - t0),
+            "results_per_s": n / (t_done - t0), "steady_per_s": n / max(t_done - t_first, 1e-9)}
+
+
+def round_trips(task: Any, count: int) -> dict[str, float]:
+    for _ in range(min(50, count)):
+        task.delay().get(timeout=10)
+    lat = []
+    for _ in range(count):
+        t = time.perf_counter()
+        task.delay().get(timeout=10)
+        lat.append((time.perf_counter() - t) * 1000)
+    return {"rt_p50_ms": percentile(lat, 0.5), "rt_p99_ms": percentile(lat, 0.99)}
+
+
+def new_vhost() -> str:
+    name = f"celeriac-bench-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return name
+
+
+def bench_celeriac(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from bench import celeriac_app
+
+    vhost = new_vhost()
+    url = f"amqp://guest:guest@{HOST}:{PORT}/{vhost}"
+    out: dict[str, Any] = {"vhost": vhost}
+    app = celeriac_app.app
+    app.close()
+    app.conf.broker_url = url
+    app.conf.result_backend = "rpc://"
+    counter = Counter(url)
+    worker = None
+    try:
+        counter.declare_replies()
+        celeriac_app.noop.apply_async(reply_to=REPLIES)  # connect and declare first
+        log(f"celeriac: enqueue {args.tasks} tasks (confirms on)", args.json)
+        t = time.perf_counter()
+        for _ in range(args.tasks - 1):
+            celeriac_app.noop.apply_async(reply_to=REPLIES)
+        out["enqueue_per_s"] = args.tasks / (time.perf_counter() - t)
+        fast = min(args.tasks, 5000)
+        app.broker.confirm_publish = False  # type: ignore[attr-defined]
+        t = time.perf_counter()
+        for _ in range(fast):
+            celeriac_app.noop.apply_async(queue="bench-unconfirmed", ignore_result=True)
+        out["enqueue_no_confirms_per_s"] = fast / (time.perf_counter() - t)
+        app.broker.confirm_publish = True  # type: ignore[attr-defined]
+        app.broker.purge("bench-unconfirmed")
+        log(f"celeriac: drain with worker -c {args.concurrency}", args.json)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CELERIAC_BROKER_URL": url,
+               "CELERIAC_RESULT_BACKEND": "rpc://"}
+        worker = Worker([sys.executable, "-m", "celeriac", "-A", "bench.celeriac_app", "-b",
+                         url, "worker", "-c", str(args.concurrency), "-l", "WARNING"], env,
+                        tmp / "celeriac-worker.log")
+        out.update(drain(worker, counter, args.tasks, args.timeout))
+        log("celeriac: round trips", args.json)
+        out.update(round_trips(celeriac_app.noop, args.round_trips))
+    finally:
+        if worker is not None:
+            worker.stop()
+        counter.close()
+        app.close()
+        rabbitmqctl("delete_vhost", vhost)
+    return out
+
+
+def bench_celery(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    vhost = new_vhost()
+    url = f"amqp://guest:guest@{HOST}:{PORT}/{vhost}"
+    os.environ.update(BENCH_CELERY_BROKER=url, BENCH_CELERY_BACKEND="rpc://",
+                      BENCH_CELERY_QUEUE="celery")
+    from bench import celery_app as celery_module
+
+    app = celery_module.app
+    app.conf.broker_url = url
+    app.conf.result_backend = "rpc://"
+    app.conf.task_default_queue = "celery"
+    app.conf.broker_transport_options = {}
+    app.conf.result_backend_transport_options = {}
+    out: dict[str, Any] = {"vhost": vhost}
+    counter = Counter(url)
+    worker = None
+    try:
+        counter.declare_replies()
+        celery_module.noop.apply_async(reply_to=REPLIES)
+        log(f"Celery: enqueue {args.tasks} tasks", args.json)
+        t = time.perf_counter()
+        for _ in range(args.tasks - 1):
+            celery_module.noop.apply_async(reply_to=REPLIES)
+        out["enqueue_per_s"] = args.tasks / (time.perf_counter() - t)
+        log(f"Celery: drain with worker -c {args.concurrency}", args.json)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        worker = Worker([sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
+                         "-c", str(args.concurrency), "-l", "WARNING", "--without-gossip",
+                         "--without-mingle", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h"], env,
+                        tmp / "celery-worker.log")
+        out.update(drain(worker, counter, args.tasks, args.timeout))
+        log("Celery: round trips", args.json)
+        out.update(round_trips(celery_module.noop, args.round_trips))
+    finally:
+        if worker is not None:
+            worker.stop()
+        counter.close()
+        app.close()
+        rabbitmqctl("delete_vhost", vhost)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--tasks", type=int, default=20_000)
+    parser.add_argument("-c", "--concurrency", type=int, default=2)
+    parser.add_argument("--round-trips", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--skip-celery", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="celeriac-amqp-bench-"))
+    results: dict[str, Any] = {"tasks": args.tasks, "concurrency": args.concurrency,
+                               "load_average_before": os.getloadavg()}
+    results["celeriac"] = bench_celeriac(args, tmp)
+    if not args.skip_celery:
+        results["celery"] = bench_celery(args, tmp)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    c = results["celeriac"]
+    print(f"RabbitMQ, {args.tasks} tasks, worker -c {args.concurrency} (prefork), rpc:// "
+          f"(load average before: {results['load_average_before'][0]:.1f})")
+    rows = [("enqueue /s", "enqueue_per_s"), ("drain: queue empty /s", "queue_empty_per_s"),
+            ("drain: all results /s", "results_per_s"), ("drain: steady /s", "steady_per_s"),
+            ("delay().get() p50 ms", "rt_p50_ms"), ("delay().get() p99 ms", "rt_p99_ms")]
+    celery = results.get("celery", {})
+    print(f"  {'':<26}{'celeriac':>12}{'Celery':>12}{'ratio':>8}")
+    for label, key in rows:
+        mine, theirs = c.get(key), celery.get(key)
+        ratio = ""
+        if mine and theirs:
+            ratio = f"{(theirs / mine if key.startswith('rt_') else mine / theirs):.2f}x"
+        print(f"  {label:<26}{mine:>12.1f}{(theirs or float('nan')):>12.1f}{ratio:>8}")
+    print(f"  celeriac enqueue without confirms: {c['enqueue_no_confirms_per_s']:.0f}/s")
+    print(f"  targets: drain >= {TARGET_DRAIN:.0f}/s "
+          f"({'met' if c['results_per_s'] >= TARGET_DRAIN else 'NOT met'}), "
+          f"p50 <= {TARGET_P50_MS} ms ({'met' if c['rt_p50_ms'] <= TARGET_P50_MS else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
