@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this file's directory comes first on sys.path, and its name would hide
+# the ``amqp`` package (py-amqp) that Celery imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 from celeriac.brokers import amqp_client as wire  # noqa: E402

@@ -8,6 +8,8 @@ For each client: confirmed publish rate (publisher confirms on, a window of 200 
 in flight), and consume rate (basic.consume, prefetch 500, one ``multiple`` ack per 100).
 The message is a real Celery task message (19 headers, JSON body). Each run gets its own
 vhost, deleted afterwards. Needs: pip install pika aiormq (amqp comes with celery).
+``celeriac-wire`` is celeriac's own client (celeriac/brokers/amqp_client.py), measured
+the same way.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ import argparse
 import asyncio
 import json
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+# Run as a script, bench/ comes first on sys.path and bench/amqp.py would hide py-amqp.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 HEADERS: dict[str, Any] = {
     "lang": "py", "task": "tasks.add", "id": "f413d190-f34d-4676-a436-e06e14f456c0",
@@ -253,6 +261,51 @@ def bench_aiormq(vhost: str, n: int) -> dict[str, float]:
     return asyncio.run(run())
 
 
+# -- celeriac's own client ------------------------------------------------------------------
+
+
+def bench_celeriac_wire(vhost: str, n: int) -> dict[str, float]:
+    sys.path.insert(0, str(_BENCH.parent))
+    from celeriac.brokers import amqp_client as wire
+
+    [params] = wire.parse_url(f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
+    conn = wire.Connection(params).connect()
+    ch = conn.channel()
+    q = "bench-celeriac"
+    ch.queue_declare(q, durable=True)
+    ch.confirm_select()
+    props = wire.encode_properties({
+        "content_type": "application/json", "content_encoding": "utf-8", "headers": HEADERS,
+        "delivery_mode": 2, "correlation_id": HEADERS["id"], "priority": 0})
+
+    def publish() -> None:
+        for start in range(0, n, WINDOW):
+            count = min(WINDOW, n - start)
+            ch.publish_confirmed([ch.f_publish("", q, BODY, props) for _ in range(count)],
+                                 count)
+
+    out = {"publish_confirmed": timed("celeriac wire publish (confirms)", n, publish)}
+    ch2 = conn.channel()
+    ch2.qos(500)
+    got = [0]
+
+    def on_msg(m: Any) -> None:
+        got[0] += 1
+        if got[0] % 100 == 0 or got[0] == n:
+            conn.send(ch2.f_ack(m.delivery_tag, multiple=True))
+
+    ch2.on_delivery = on_msg
+    ch2.consume(q, "bench")
+
+    def consume() -> None:
+        while got[0] < n:
+            conn.pump(5)
+
+    out["consume"] = timed("celeriac wire consume", n, consume)
+    conn.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=20000)
@@ -264,7 +317,8 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     try:
         for name, fn in [("py-amqp", bench_pyamqp), ("pika-blocking", bench_pika_blocking),
-                         ("pika-select", bench_pika_select), ("aiormq", bench_aiormq)]:
+                         ("pika-select", bench_pika_select), ("aiormq", bench_aiormq),
+                         ("celeriac-wire", bench_celeriac_wire)]:
             try:
                 results[name] = fn(vhost, args.n)
             except ImportError as exc:

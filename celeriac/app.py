@@ -513,7 +513,7 @@ class Celery:
             serializer=serializer or conf["task_serializer"],
             max_size=conf["task_max_message_size"],
         )
-        if ignore_result is not True and reply_to is None:
+        if ignore_result is not True and (reply_to is None or reply_to == self.oid):
             # rpc:// declares this client's reply queue before the first task answering in it
             # (not for a retry or chain step a worker sends on behalf of another client).
             self.backend.on_task_call(task_id, self.oid)

@@ -86,3 +86,8 @@ def record_quiet(path: str, key: str) -> None:
 @app.task
 def noop() -> None:
     return None
+
+
+@app.task
+def total(values: list[int]) -> int:
+    return sum(values)
