@@ -28,6 +28,11 @@ def mul(x: int, y: int) -> int:
     return x * y
 
 
+@app.task(name="interop.xsum")
+def xsum(values: list[int]) -> int:
+    return sum(values)
+
+
 @app.task(name="interop.echo")
 def echo(*args: object, **kwargs: object) -> dict[str, object]:
     return {"args": list(args), "kwargs": kwargs, "impl": IMPL}

@@ -39,6 +39,10 @@ def make_app(broker: str, backend: str, prefix: str, **conf: Any) -> Celery:
     def mul(x: int, y: int) -> int:
         return x * y
 
+    @app.task(name="interop.xsum", shared=False)
+    def xsum(values: list[int]) -> int:
+        return sum(values)
+
     @app.task(name="interop.echo", shared=False)
     def echo(*args: object, **kwargs: object) -> dict[str, object]:
         return {"args": list(args), "kwargs": kwargs, "impl": IMPL}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from celeriac import Celery
+from celeriac import Celery, chain, chord, group
 from celeriac.exceptions import TaskRevokedError
 from tests.apps import interop_tasks as it
 from tests.interop.conftest import Interop
@@ -101,3 +101,13 @@ def test_group_members(celeriac_app: Celery, celery_worker: Callable[..., Any]) 
     members = [it.add.apply_async((i, i), group_id=group_id, group_index=i) for i in range(5)]
     assert celeriac_app.GroupResult(group_id, members).get(timeout=15) == [0, 2, 4, 6, 8]
     assert all(m.backend.get(m.id)["group_id"] == group_id for m in members)
+
+
+def test_chain_and_chord(celeriac_app: Celery, celery_worker: Callable[..., Any]) -> None:
+    celery_worker()
+    assert chain(it.add.s(2, 2), it.mul.s(5), it.add.s(1))().get(timeout=15) == 21
+    grp = group(it.add.s(i, i) for i in range(5))()
+    assert grp.get(timeout=15) == [0, 2, 4, 6, 8]
+    # Celery's worker joins the chord through the keys our client set up (.s) and runs
+    # the body once the last header task is recorded.
+    assert chord([it.add.s(i, i) for i in range(4)], it.xsum.s())().get(timeout=20) == 12

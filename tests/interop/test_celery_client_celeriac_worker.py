@@ -8,7 +8,7 @@ from typing import Any
 
 import celery.exceptions
 import pytest
-from celery import chain, group
+from celery import chain, chord, group
 
 from celeriac.brokers.redis import RedisBroker
 from tests.conftest import WorkerProcess
@@ -99,13 +99,17 @@ def test_priorities_follow_kombu(celery_app: Any, interop: Interop,
     assert [r[0] for r in lines(interop.dir, "prio")] == ["c", "f", "d", "b", "a", "e"]
 
 
-def test_chain_and_group(celery_app: Any, celeriac_worker: Callable[..., WorkerProcess]
+def test_chain_group_and_chord(celery_app: Any, celeriac_worker: Callable[..., WorkerProcess]
                          ) -> None:
     celeriac_worker("-c", "2")
     add, mul = celery_app.tasks["interop.add"], celery_app.tasks["interop.mul"]
     assert chain(add.s(2, 2), mul.s(5), add.s(1))().get(timeout=15) == 21
     grp = group(add.s(i, i) for i in range(5))()
     assert grp.get(timeout=15) == [0, 2, 4, 6, 8]
+    # A Celery client's chord (its .s key, header messages with embed.chord): celeriac
+    # workers record the parts in Celery's .j/.d keys and the last one sends the body.
+    xsum = celery_app.tasks["interop.xsum"]
+    assert chord([add.s(i, i) for i in range(4)], xsum.s())().get(timeout=20) == 12
 
 
 def test_celery_worker_and_celeriac_worker_share_a_queue(
@@ -120,6 +124,9 @@ def test_celery_worker_and_celeriac_worker_share_a_queue(
     assert [v["args"] for v in values] == [[i] for i in range(60)]
     # Both kinds of worker took part, and nothing is left behind in the queue.
     assert {v["impl"] for v in values} == {"celery", "celeriac"}
+    # A chord whose header tasks both kinds of worker run: one join, one body.
+    add, xsum = celery_app.tasks["interop.add"], celery_app.tasks["interop.xsum"]
+    assert chord([add.s(i, i) for i in range(30)], xsum.s())().get(timeout=30) == 870
     broker = RedisBroker(interop.url)
     try:
         assert broker.queue_size("celery") == 0
