@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from celeriac import states
 from celeriac.control import REVOKE_CHANNEL
-from celeriac.exceptions import TaskRevokedError, TimeLimitExceeded, WorkerLostError
+from celeriac.exceptions import (
+    ImproperlyConfigured,
+    TaskRevokedError,
+    TimeLimitExceeded,
+    WorkerLostError,
+)
 from celeriac.protocol.errors import exception_to_dict
 from celeriac.trace import build_meta
 from celeriac.worker.child import ChildConfig, ChildWorker
@@ -81,6 +86,12 @@ class WorkerOptions:
             "shutdown_timeout": conf.worker_shutdown_timeout,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["recovery_timeout"] < 3 * values["heartbeat_interval"]:
+            # Shorter, and a live worker between two heartbeats looks dead to the others.
+            raise ImproperlyConfigured(
+                f"broker_recovery_timeout={values['recovery_timeout']} must be at least 3 x "
+                f"worker_heartbeat_interval={values['heartbeat_interval']}"
+            )
         return cls(**values)
 
 
@@ -156,10 +167,12 @@ class Supervisor:
         self.slots.clear(index)
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child
             code = 1
             try:
+                _die_with_parent(parent)
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT):
                     signal.signal(sig, signal.SIG_DFL)
@@ -339,6 +352,24 @@ class Supervisor:
         self.shutdown = "cold"
         for child in self.children.values():
             _kill(child.pid, signal.SIGKILL)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make the kernel kill this child when the supervisor dies (Linux).
+
+    An orphaned child would go on fetching while its heartbeats stop, so other workers would
+    take back and re-run the tasks it still runs.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
 
 
 def _kill(pid: int, sig: int) -> None:

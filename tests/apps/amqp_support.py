@@ -64,11 +64,31 @@ def delete_vhosts(names: list[str]) -> None:
         )
 
 
+def delete_stale_vhosts() -> None:
+    """Delete test vhosts whose test process is gone (killed before its clean-up ran)."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_vhosts", "name"], capture_output=True,
+                         text=True, timeout=60)
+    stale = []
+    for name in out.stdout.split():
+        parts = name.split("-")
+        if name.startswith("celeriac-test-") and len(parts) == 5 and parts[3].isdigit():
+            pid = int(parts[3])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                stale.append(name)
+            except PermissionError:
+                pass
+    delete_vhosts(stale)
+
+
 def vhost() -> str:
     """A fresh, empty vhost (deleted when this process exits)."""
     with _lock:
         if not _spare:
             check_server()
+            if not _made:
+                delete_stale_vhosts()
             batch = []
             for _ in range(16):
                 _counter[0] += 1

@@ -16,6 +16,8 @@ app = Celery("tests.apps.redis_tasks")
 app.conf.task_max_redeliveries = 3
 if os.environ.get("CELERIAC_TEST_RECOVERY_TIMEOUT"):
     app.conf.broker_recovery_timeout = float(os.environ["CELERIAC_TEST_RECOVERY_TIMEOUT"])
+    # The recovery timeout must cover three heartbeats (the worker refuses less).
+    app.conf.worker_heartbeat_interval = min(2.0, app.conf.broker_recovery_timeout / 3)
 if os.environ.get("CELERIAC_TEST_PREFETCH"):
     app.conf.worker_prefetch_multiplier = int(os.environ["CELERIAC_TEST_PREFETCH"])
 if os.environ.get("CELERIAC_TEST_PUBLISH_FOREVER"):
