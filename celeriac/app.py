@@ -518,7 +518,9 @@ class Celery:
             # (not for a retry or chain step a worker sends on behalf of another client).
             self.backend.on_task_call(task_id, self.oid)
         self._publish(queue_name, message, eta.timestamp() if eta is not None else None)
-        return AsyncResult(task_id, app=self, task_name=name)
+        result: AsyncResult[Any] = AsyncResult(task_id, app=self, task_name=name)
+        self._add_to_parent(result)
+        return result
 
     @property
     def oid(self) -> str:
@@ -618,15 +620,39 @@ class Celery:
             return task.apply_async(args, kwargs, **opts)
         return self.send_task(name, args, kwargs, **opts)
 
+    def _add_to_parent(self, result: Any) -> None:
+        """Sent from inside a running task: the result becomes one of its ``children``
+        (Celery's ``trail``), so ``collect()`` finds it."""
+        if getattr(_batch, "workflow", 0):
+            return  # a member of a workflow: the workflow's result is added instead
+        parent = current_request()
+        if parent is not None and not parent.called_directly and parent.id:
+            parent.__dict__.setdefault("children", []).append(result)
+
+    @contextmanager
+    def _workflow(self) -> Iterator[None]:
+        _batch.workflow = getattr(_batch, "workflow", 0) + 1
+        try:
+            yield
+        finally:
+            _batch.workflow -= 1
+
+    def _send_workflow(self, sig: Signature, args: Any, kwargs: Any,
+                       options: dict[str, Any]) -> Any:
+        with self._workflow():
+            result = sig.clone()._apply(args, kwargs, options)
+        self._add_to_parent(result)
+        return result
+
     def _send_chain(self, ch: chain, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
-        return ch.clone()._apply(args, kwargs, options)
+        return self._send_workflow(ch, args, kwargs, options)
 
     def _send_group(self, grp: group, args: Any, kwargs: Any,
                     options: dict[str, Any]) -> GroupResult:
-        return grp.clone()._apply(args, kwargs, options)
+        return self._send_workflow(grp, args, kwargs, options)
 
     def _send_chord(self, ch: chord, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
-        return ch.clone()._apply(args, kwargs, options)
+        return self._send_workflow(ch, args, kwargs, options)
 
     def _chord_start(self, group_id: str, size: int) -> None:
         """Before a chord's header is sent: the backend learns how many results to expect."""

@@ -179,7 +179,8 @@ def execute(
 
 def _succeeded(app: Celery, task: Task[Any, Any], request: Context, retval: Any) -> Outcome:
     task_id = str(request.id)
-    children: list[Any] = []
+    # What the task sent while it ran (Celery's trail), then its callbacks and next step.
+    children: list[Any] = [r.as_tuple() for r in request.__dict__.get("children") or ()]
     # Callbacks and the next chain step are sent before the result is stored, as Celery
     # does, so a client that saw SUCCESS can follow ``children`` at once.
     if request.callbacks:

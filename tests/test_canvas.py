@@ -212,11 +212,11 @@ def celery_app() -> Any:
     capp = celery.Celery("canvas_interop", broker="memory://", backend="cache+memory://",
                          set_as_current=False)
 
-    @capp.task(name="t.add")
+    @capp.task(name="t.add", shared=False)
     def add(x: int, y: int) -> int:
         return x + y
 
-    @capp.task(name="t.tsum")
+    @capp.task(name="t.tsum", shared=False)
     def tsum(values: list[int]) -> int:
         return sum(values)
 

@@ -1,14 +1,15 @@
 """Canvas end to end: every primitive, their nestings and their failures through workers.
 
-Each test runs twice: on ``memory://`` with an in-process worker (a thread running the
-real message handler, so the same code paths as a worker child), and on SQLite with a
-real worker process (``-c 2``). Nothing sleeps to wait: every wait is a ``get``/``join``
+Each test runs three times: on ``memory://`` with an in-process worker (a thread running
+the real message handler, so the same code paths as a worker child), and on SQLite and on
+Redis (broker and result backend) with a real worker process (``-c 2``). Nothing sleeps to wait: every wait is a ``get``/``join``
 with a timeout, which raises (instead of hanging) if a workflow stalls.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -22,11 +23,11 @@ import pytest
 
 from celeriac import GroupResult, chain, chord, group, signature
 from celeriac import states as st
-from celeriac.canvas import Signature
 from celeriac.control import REVOKE_CHANNEL
 from celeriac.exceptions import ChordError, NotRegistered, TaskRevokedError
 from celeriac.result import AsyncResult
 from celeriac.worker.handler import ACK, PARKED, REQUEUE, MessageHandler
+from tests import redis_support
 from tests.apps import canvas_tasks as t
 from tests.conftest import ROOT, WorkerProcess, bind_app
 
@@ -69,35 +70,43 @@ class InlineWorker:
         self.thread.join(10)
 
 
-@pytest.fixture(scope="module", params=["memory", "sqlite"])
+@pytest.fixture(scope="module", params=["memory", "sqlite", "redis"])
 def runner(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[str]:
     """The canvas app bound to a fresh store, with a worker consuming from it."""
     if request.param == "memory":
         bind_app(t.app, f"memory://{uuid.uuid4().hex}")
-        worker = InlineWorker()
+        inline = InlineWorker()
         yield "memory"
-        worker.stop()
+        inline.stop()
         return
     tmp = tmp_path_factory.mktemp("canvas")
-    bind_app(t.app, f"sqlite:///{tmp}/canvas.db")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    prefix = redis_support.new_prefix("canvas")
+    if request.param == "sqlite":
+        bind_app(t.app, f"sqlite:///{tmp}/canvas.db")
+    else:
+        url = redis_support.shared_url(prefix=prefix)
+        bind_app(t.app, url, result_backend=url)
+        env["CELERIAC_RESULT_BACKEND"] = url
     log_path = tmp / "worker.log"
     cmd = [sys.executable, "-m", "celeriac", "-A", "tests.apps.canvas_tasks", "-b",
            t.app.broker_url, "worker", "-c", "2", "-l", "INFO"]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(tmp),
-                                env={**_env(), "PYTHONPATH": str(ROOT)})
-    worker = WorkerProcess(proc, log_path, 2, t.app).wait_ready()
+                                env=env)
+    worker = WorkerProcess(proc, log_path, 2, t.app)
     try:
-        yield "sqlite"
+        if request.param == "sqlite":
+            worker.wait_ready()
+        else:
+            redis_support.wait_worker_ready(worker, t.app.broker_url)
+        yield request.param
     finally:
         worker.stop()
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
+        t.app.close()
+        if request.param == "redis":
+            redis_support.delete_prefix(prefix)
 
 
 def probe() -> str:
@@ -143,10 +152,12 @@ def test_chord(runner: str) -> None:
     header = result.parent
     assert isinstance(header, GroupResult)
     assert header.join(timeout=WAIT) == [i * 2 for i in range(10)]
-    info = chord([t.add.s(1, 1), t.add.s(2, 2)], t.whoami.s()).delay().get(timeout=WAIT)
+    described = chord([t.add.s(1, 1), t.add.s(2, 2)], t.whoami.s()).delay()
+    info = described.get(timeout=WAIT)
     assert info["args"] == [[2, 4]]  # the body gets the header's results in order
-    assert info["group"] is not None and info["parent_id"] in {r.id for r in header} | {
-        None} or info["parent_id"]
+    # ...from the header task that completed the chord, in the chord's group
+    assert info["group"] == described.parent.id
+    assert info["parent_id"] in [r.id for r in described.parent]
 
 
 def test_group_piped_into_a_task_is_a_chord(runner: str) -> None:
@@ -185,6 +196,15 @@ def test_callbacks_children_and_collect(runner: str) -> None:
     grouped.get(timeout=WAIT)
     (child,) = grouped.children
     assert isinstance(child, GroupResult) and child.get(timeout=WAIT) == [4, 6]
+
+
+def test_what_a_task_sends_becomes_its_children(runner: str) -> None:
+    parent = t.spawn.delay(3)
+    group_id = parent.get(timeout=WAIT)
+    (child,) = parent.children
+    assert isinstance(child, GroupResult) and child.id == group_id
+    assert child.get(timeout=WAIT) == [0, 2, 4]
+    assert [v for _, v in parent.collect(timeout=WAIT)] == [group_id, [0, 2, 4], 0, 2, 4]
 
 
 # -- nesting -------------------------------------------------------------------------------
@@ -334,7 +354,7 @@ def test_a_revoked_header_member_fails_the_chord(runner: str) -> None:
 
 def test_an_unknown_task_in_a_chord_header_fails_the_chord(runner: str) -> None:
     result = chord([t.add.s(1, 1), signature("no.such.task", app=t.app)], t.tsum.s()).delay()
-    with pytest.raises(ChordError, match="no.such.task"):
+    with pytest.raises(ChordError, match=r"no\.such\.task"):
         result.get(timeout=WAIT)
     with pytest.raises(NotRegistered):
         result.parent.get(timeout=WAIT)
@@ -387,7 +407,7 @@ def _celery_canvases() -> dict[str, Any]:
         def run(*args: Any) -> None:  # only the name matters: the client never runs it
             return None
 
-        return capp.task(name=full)(run)
+        return capp.task(name=full, shared=False)(run)
 
     tasks = {n: stub(full) for n, full in names.items()}
     add, mul, tsum = tasks["add"], tasks["mul"], tasks["tsum"]

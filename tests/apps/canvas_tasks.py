@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celeriac import Celery, Task, states
+from celeriac import Celery, Task, group, states
 
 app = Celery("tests.apps.canvas_tasks")
 
@@ -83,3 +83,9 @@ def on_error_full(request: Any, exc: BaseException, traceback: Any, probe: str) 
     """Celery's new errback form, run in the worker: records what it was given."""
     record(probe, {"task_id": request.id, "exc_type": type(exc).__name__, "exc": str(exc),
                    "group": request.group})
+
+
+@app.task
+def spawn(n: int) -> str:
+    """Sends a group from inside a task: it becomes this task's child (Celery's trail)."""
+    return str(group(add.s(i, i) for i in range(n)).delay().id)
