@@ -610,11 +610,13 @@ class Celery:
         from celeriac.canvas import _wire
 
         opts = dict(options)
-        for key in ("chain", "chord"):
-            if opts.get(key):
-                opts[key] = _wire(opts[key])
-            else:
-                opts.pop(key, None)
+        chord = opts.pop("chord", None)
+        if chord:
+            # Plain dicts are wire form already (a chord's header shares one body dict).
+            opts["chord"] = chord if type(chord) is dict else _wire(chord)
+        steps = opts.pop("chain", None)
+        if steps:
+            opts["chain"] = [s if type(s) is dict else _wire(s) for s in steps]
         task = self.tasks.get(name)
         if task is not None:
             return task.apply_async(args, kwargs, **opts)
@@ -701,9 +703,10 @@ class Celery:
             return None
         return _as_tuple(nxt._apply([retval], None, {"chain": steps} if steps else {}))
 
-    def _chord_part_done(self, request: Context, state: str, value: Any) -> None:
+    def _chord_part_done(self, request: Context, state: str, value: Any,
+                         meta: Any = None) -> None:
         """A chord header task finished (or will never run): report it; send the body if
-        this completed the chord."""
+        this completed the chord. ``meta``, the task's document, is stored first."""
         from celeriac import states
         from celeriac.protocol.errors import exception_to_dict
 
@@ -713,9 +716,14 @@ class Celery:
         result = exception_to_dict(value) if isinstance(value, BaseException) else value
         if state not in states.EXCEPTION_STATES and isinstance(value, BaseException):
             state = states.FAILURE
+        backend = self.backend
         try:
-            join = self.backend.chord_part_done(group_id, str(request.id), request.group_index,
-                                                state, result)
+            if meta is not None:
+                join = backend.store_and_chord_part_done(
+                    meta, group_id, str(request.id), request.group_index, state, result)
+            else:
+                join = backend.chord_part_done(group_id, str(request.id), request.group_index,
+                                               state, result)
         except Exception:
             self.log.exception("Chord %s: could not record the outcome of %s", group_id,
                                request.id)

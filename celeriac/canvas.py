@@ -903,14 +903,17 @@ class chord(Signature):
         if body is None:
             raise ValueError("a chord needs a body")
         header = self.header
-        gid = header.options.setdefault("task_id", _new_id())
+        # The group id: the header's, else the chord's own task_id (where Celery keeps it
+        # when the header is a plain list, as in its dicts).
+        gid = header.options.setdefault("task_id", self.options.get("task_id") or _new_id())
         membership = {k: v for k, v in (("group_id", group_id), ("group_index", group_index),
                                         ("chord", chord)) if v is not None}
         if membership:
             _set_membership(self, membership)
             body = self.body
             assert body is not None
-        body_result = body.freeze(_id or self.options.get("task_id"), root_id=root_id)
+        body_result = body.freeze(_id, root_id=root_id)
+        self.options["task_id"] = gid  # as Celery's freeze: a Celery worker keeps the id
         if not isinstance(body, chain | group | chord_type):
             body.options.setdefault("group_id", gid)
         members = header._flatten()
@@ -927,7 +930,8 @@ class chord(Signature):
         opts = {**self.options, **options}
         if self["args"] and not self.immutable:
             args = [*(args or ()), *self["args"]]
-        body_id = opts.pop("task_id", None)
+        body_id = options.get("task_id")  # apply_async(task_id=...) names the body
+        opts.pop("task_id", None)
         membership = {k: opts.pop(k) for k in _MEMBERSHIP if k in opts}
         root_id, parent_id = opts.pop("root_id", None), opts.pop("parent_id", None)
         links, errbacks = _listed(opts.pop("link", None)), _listed(opts.pop("link_error", None))
@@ -946,8 +950,7 @@ class chord(Signature):
             _link_all(body, "link", callback)
         for errback in errbacks:
             _link_all(self, "link_error", errback)
-        for key, value in opts.items():
-            body.options.setdefault(key, value)
+        body.options.update(opts)  # options of the chord (queue, priority...) reach the body
         header = self.header
         gid = str(header.options["task_id"])
         members = header.tasks

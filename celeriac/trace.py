@@ -195,8 +195,9 @@ def _succeeded(app: Celery, task: Task[Any, Any], request: Context, retval: Any)
     if request.chord and request.group:
         # Stored before the chord hears of it (as Celery does): once the body runs, every
         # header result can be read.
-        meta = _store_now(app, request, meta)
-        app._chord_part_done(request, states.SUCCESS, retval)
+        early = None if request.is_eager else meta
+        app._chord_part_done(request, states.SUCCESS, retval, meta=early)
+        meta = meta if early is None else None
     try:
         task.on_success(retval, task_id, request.args, request.kwargs)
     except Exception:
@@ -221,28 +222,21 @@ def _failed(app: Celery, task: Task[Any, Any], request: Context, exc: BaseExcept
         first = None if request.is_eager else meta
         app._fail_chain(request.chain, exc, first=first)
         meta = meta if first is None else None
-    elif request.chord and request.group:
-        meta = _store_now(app, request, meta)  # before the chord hears of it
+    early = None
+    if request.chord and request.group and not request.chain:
+        early = None if request.is_eager else meta  # stored before the chord hears of it
+        meta = meta if early is None else None
     if request.errbacks:
         for errback in request.errbacks:
             app._apply_errback(errback, request, exc, trace)
     if request.chord and request.group:
-        app._chord_part_done(request, states.FAILURE, exc)
+        app._chord_part_done(request, states.FAILURE, exc, meta=early)
     try:
         task.on_failure(exc, task_id, request.args, request.kwargs, trace)
     except Exception:
         app.log.exception("on_failure of %s[%s] raised", task.name, task_id)
     expected = bool(task.throws) and isinstance(exc, tuple(task.throws))
     return Outcome(states.FAILURE, exc=exc, traceback=None if expected else trace, meta=meta)
-
-
-def _store_now(app: Celery, request: Context, meta: TaskMeta | None) -> TaskMeta | None:
-    """Store ``meta`` at once instead of with the worker's batch (None: nothing left to
-    store); eager runs keep theirs for apply() to handle."""
-    if meta is None or request.is_eager:
-        return meta
-    app.backend.store([meta])
-    return None
 
 
 def _retried(app: Celery, task: Task[Any, Any], request: Context, retry: Retry) -> Outcome:

@@ -313,6 +313,18 @@ def test_chord_messages(app: Celery, rec: Recorder) -> None:
     assert [r.id for r in result.parent] == [s.message.headers["id"] for s in rec.sent]
 
 
+def test_chord_ids(app: Celery, rec: Recorder) -> None:
+    add, tsum = t(app, "add"), t(app, "tsum")
+    result = chord([add.s(1, 1)], tsum.s()).apply_async(task_id="the-body")
+    assert result.id == "the-body"  # as Celery: apply_async(task_id=) names the body
+    assert rec.sent[0].body[2]["chord"]["options"]["task_id"] == "the-body"
+    # A frozen chord's dict keeps its group id where Celery looks for it.
+    c = chord([add.s(1, 1)], tsum.s())
+    frozen = c.freeze()
+    assert c.to_wire()["options"]["task_id"] == frozen.parent.id
+    assert frozen.id != frozen.parent.id
+
+
 def test_group_piped_into_a_task_sends_a_chord(app: Celery, rec: Recorder) -> None:
     add, tsum = t(app, "add"), t(app, "tsum")
     result = chain(add.s(1, 1), group(add.s(1), add.s(2)), tsum.s(), add.s(10)).apply_async()
@@ -322,6 +334,30 @@ def test_group_piped_into_a_task_sends_a_chord(app: Celery, rec: Recorder) -> No
     assert [m["args"] for m in step["kwargs"]["header"]["kwargs"]["tasks"]] == [[1], [2]]
     assert last["task"] == "t.add" and last["options"]["task_id"] == result.id
     assert result.parent.id == step["kwargs"]["body"]["options"]["task_id"]
+
+
+def test_workflow_options_reach_the_right_tasks(app: Celery, rec: Recorder) -> None:
+    add, tsum = t(app, "add"), t(app, "tsum")
+    chord([add.s(1, 1), add.s(2, 2)], tsum.s()).apply_async(queue="q2", priority=3,
+                                                           countdown=60)
+    assert {s.queue for s in rec.sent} == {"q2"}
+    assert all(s.message.headers["eta"] for s in rec.sent)  # countdown delays the header
+    body = rec.sent[0].body[2]["chord"]
+    assert body["options"]["queue"] == "q2" and body["options"]["priority"] == 3
+    assert "countdown" not in body["options"]  # ...not the body once the header is done
+    rec.sent.clear()
+    chain(add.s(1, 1), add.s(2)).apply_async(queue="q3")  # as Celery: the first task's
+    (first,) = rec.sent
+    assert first.queue == "q3" and "queue" not in first.body[2]["chain"][0]["options"]
+    rec.sent.clear()
+    errback = add.si(0, 0)
+    chain(add.s(1, 1), add.s(2)).apply_async(link_error=errback, link=tsum.s())
+    (first,) = rec.sent
+    (step,) = first.body[2]["chain"]
+    assert first.body[2]["errbacks"] == [errback.to_wire()]  # every step has the errback
+    assert step["options"]["link_error"] == [errback.to_wire()]
+    assert step["options"]["link"] == [tsum.s().to_wire()]  # the callback: the last step
+    assert first.body[2]["callbacks"] is None
 
 
 def test_chord_without_a_result_backend_is_refused() -> None:

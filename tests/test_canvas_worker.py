@@ -2,8 +2,9 @@
 
 Each test runs three times: on ``memory://`` with an in-process worker (a thread running
 the real message handler, so the same code paths as a worker child), and on SQLite and on
-Redis (broker and result backend) with a real worker process (``-c 2``). Nothing sleeps to wait: every wait is a ``get``/``join``
-with a timeout, which raises (instead of hanging) if a workflow stalls.
+Redis (broker and result backend) with a real worker process (``-c 2``). Nothing sleeps
+to wait: every wait is a ``get``/``join`` with a timeout, which raises (instead of
+hanging) if a workflow stalls.
 """
 
 from __future__ import annotations

@@ -208,6 +208,17 @@ class ResultBackend(ABC):
         at least once and, barring such a death, exactly once.
         """
 
+    def store_and_chord_part_done(self, meta: TaskMeta, group_id: str, task_id: str,
+                                  index: int | None, state: str, result: Any
+                                  ) -> ChordJoin | None:
+        """Store a header task's document, then report it (``chord_part_done``).
+
+        The document is stored first, so once the body runs every header result can be
+        read. A backend may do both in one step (SQLite: one transaction).
+        """
+        self.store([meta])
+        return self.chord_part_done(group_id, task_id, index, state, result)
+
     @abstractmethod
     def chord_finish(self, join: ChordJoin) -> bool:
         """The body was sent: drop the chord's parts and mark it finished.

@@ -58,6 +58,12 @@ CHORD_PREFIX = "celeriac.chord."
 SLICE = 0.05  # a waiter holds the reading side at most this long at a time
 
 
+def _declared_count(payload: bytes) -> int:
+    """The message count of a queue.declare-ok."""
+    _name, off = wire._read_shortstr(payload, 4)
+    return int(wire._U32.unpack_from(payload, off)[0])
+
+
 class _Side:
     """One connection and channel, reconnected on demand."""
 
@@ -115,7 +121,6 @@ class RPCBackend(ResultBackend):
         self._queues: list[str] = []  # reply queues we consume (in this process)
         self._declared_groups: set[str] = set()
         self._fast: Channel | None = None  # no confirms: transient results
-        self._held_chords: set[str] = set()  # chords whose lock this process holds
         self._claims: dict[str, tuple[Channel, list[Incoming], list[Incoming],
                                       dict[str, Any]]] = {}
 
@@ -428,27 +433,35 @@ class RPCBackend(ResultBackend):
 
     # -- chords ----------------------------------------------------------------------------------
     #
-    # Per chord: ``celeriac.chord.<gid>`` holds one message per header result (a server-side
-    # counter: its message count), ``.state`` one document {size, extra, done, version}, and
-    # ``.lock`` is an exclusive queue: whoever declared it holds the chord. RabbitMQ deletes
-    # it when its connection dies, and gives back what that connection held unacked, so a
-    # claim whose holder died is free again at once, with every part back in place.
+    # Per chord ``<gid>``, all durable queues that expire with the results:
+    #   celeriac.chord.<gid>        one message per header result: the join counter is its
+    #                               message count, kept by RabbitMQ;
+    #   celeriac.chord.<gid>.size   size + chord_add messages: the target, as a count too;
+    #   celeriac.chord.<gid>.state  one document {claim, done, version};
+    #   celeriac.chord.<gid>.lock   exclusive queue: a short critical section;
+    #   celeriac.chord.<gid>.claim  exclusive queue: the claimer lives (RabbitMQ deletes it
+    #                               with the claimer's connection).
+    # A part costs one round trip (declare the size, publish, declare the parts: both counts
+    # come back); only the part that reaches the target takes the lock, reads the parts
+    # (kept unacked: if the claimer dies they are back), dedupes them and claims.
+
+    def _names(self, group_id: str) -> tuple[str, str, str, str, str]:
+        base = CHORD_PREFIX + group_id
+        return base, base + ".size", base + ".state", base + ".lock", base + ".claim"
 
     def _chord_lock(self, ch: Channel, group_id: str, timeout: float) -> Channel | None:
         """A channel holding the chord's lock (hold ``_pub.lock``), or None after ``timeout``."""
-        name = CHORD_PREFIX + group_id + ".lock"
+        name = self._names(group_id)[3]
         deadline = time.monotonic() + timeout
-        pause = 0.002
+        pause = 0.001
         while True:
-            if group_id not in self._held_chords:
-                lock_ch = ch.conn.channel()
-                try:
-                    lock_ch.queue_declare(name, durable=False, exclusive=True, auto_delete=True)
-                    self._held_chords.add(group_id)
-                    return lock_ch
-                except ChannelClosed as exc:
-                    if exc.code != wire.RESOURCE_LOCKED:
-                        raise
+            lock_ch = ch.conn.channel()
+            try:
+                lock_ch.queue_declare(name, durable=False, exclusive=True, auto_delete=True)
+                return lock_ch
+            except ChannelClosed as exc:
+                if exc.code != wire.RESOURCE_LOCKED:
+                    raise
             if time.monotonic() > deadline:
                 return None
             self._pub.lock.release()
@@ -456,144 +469,209 @@ class RPCBackend(ResultBackend):
                 time.sleep(pause)
             finally:
                 self._pub.lock.acquire()
-            pause = min(0.05, pause * 2)
+            pause = min(0.02, pause * 2)
 
     def _chord_unlock(self, lock_ch: Channel, group_id: str) -> None:
-        self._held_chords.discard(group_id)
         with contextlib.suppress(AMQPError, TimeoutError):
-            lock_ch.queue_delete(CHORD_PREFIX + group_id + ".lock")
+            lock_ch.queue_delete(self._names(group_id)[3])
             lock_ch.close()
 
-    def _chord_state(self, ch: Channel, group_id: str) -> tuple[dict[str, Any] | None,
-                                                                list[Incoming]]:
-        """The chord's state document (read under the lock; the messages stay unacked)."""
-        name = CHORD_PREFIX + group_id + ".state"
+    def _chord_state(self, ch: Channel, group_id: str) -> tuple[dict[str, Any], list[Incoming]]:
+        """The state document, read under the lock (its messages stay unacked)."""
+        name = self._names(group_id)[2]
         ch.queue_declare(name, durable=True, arguments=self._queue_args())
         found: list[Incoming] = []
         while (inc := ch.get(name)) is not None:
             found.append(inc)
         docs = [self.decode(inc.body) for inc in found]
-        best = max(docs, key=lambda d: int(d.get("version", 0)), default=None)
+        best = max(docs, key=lambda d: int(d.get("version", 0)),
+                   default={"claim": None, "done": False, "version": 0})
         return best, found
 
     def _chord_write_state(self, ch: Channel, group_id: str, doc: dict[str, Any],
                            old: list[Incoming]) -> None:
-        name = CHORD_PREFIX + group_id + ".state"
-        ch.publish_confirmed([ch.f_publish("", name, self.encode(doc), {"delivery_mode": 2})], 1)
+        doc = {**doc, "version": int(doc.get("version", 0)) + 1}
+        if not ch.confirming:
+            ch.confirm_select()
+        ch.publish_confirmed([ch.f_publish("", self._names(group_id)[2], self.encode(doc),
+                                           {"delivery_mode": 2})], 1)
         if old:
             ch.conn.send(ch.f_ack(old[-1].delivery_tag, multiple=True))
 
-    def _release_state(self, ch: Channel, old: list[Incoming]) -> None:
-        if old:
-            ch.conn.send(ch.f_nack(old[-1].delivery_tag, multiple=True, requeue=True))
+    def _declare_counters(self, ch: Channel, group_id: str) -> None:
+        parts, size, _, _, _ = self._names(group_id)
+        frames = [ch.f_queue_declare(q, durable=True, arguments=self._queue_args())
+                  for q in (parts, size)]
+        ch.conn.send(b"".join(frames))
+        for _ in frames:
+            ch._expect([wire.QUEUE_DECLARE_OK])
 
-    def _chord_update(self, group_id: str, change: Any) -> None:
+    def _claimer_alive(self, ch: Channel, group_id: str) -> bool:
+        [res] = ch.conn.probe([lambda c: c.f_queue_declare(self._names(group_id)[4],
+                                                           passive=True)],
+                              wire.QUEUE_DECLARE_OK)
+        if isinstance(res, ChannelClosed):
+            return res.code != wire.NOT_FOUND  # 405: locked by a live connection
+        return True  # (declared by this very connection)
+
+    def chord_set_size(self, group_id: str, size: int) -> None:
+        parts, size_q, _, _, _ = self._names(group_id)
+
         def action(ch: Channel) -> None:
             lock_ch = self._chord_lock(ch, group_id, 60.0)
             if lock_ch is None:
                 raise TimeoutError(f"chord {group_id}: its lock stayed taken for 60s")
             try:
                 lock_ch.confirm_select()
+                self._declare_counters(lock_ch, group_id)
+                lock_ch.queue_purge(parts)  # a new run of the same chord starts from nothing
+                lock_ch.queue_purge(size_q)
+                self._add_size(lock_ch, size_q, int(size))
                 doc, old = self._chord_state(lock_ch, group_id)
-                new = change(lock_ch, doc or {"size": None, "extra": 0, "done": False,
-                                               "version": 0})
-                new["version"] = int(new.get("version", 0)) + 1
-                self._chord_write_state(lock_ch, group_id, new, old)
+                self._chord_write_state(lock_ch, group_id,
+                                        {"claim": None, "done": False,
+                                         "version": doc.get("version", 0)}, old)
             finally:
                 self._chord_unlock(lock_ch, group_id)
 
-        self._publishing(action, "chord state")
+        self._publishing(action, "chord size")
 
-    def chord_set_size(self, group_id: str, size: int) -> None:
-        parts = CHORD_PREFIX + group_id
-
-        def change(ch: Channel, doc: dict[str, Any]) -> dict[str, Any]:
-            ch.queue_declare(parts, durable=True, arguments=self._queue_args())
-            ch.queue_purge(parts)  # a new run of the same chord starts from nothing
-            return {"size": int(size), "extra": 0, "done": False, "version": doc["version"]}
-
-        self._chord_update(group_id, change)
+    def _add_size(self, ch: Channel, size_q: str, count: int) -> None:
+        for start in range(0, count, 1000):
+            n = min(1000, count - start)
+            ch.publish_confirmed([ch.f_publish("", size_q, b"", {"delivery_mode": 2})
+                                  for _ in range(n)], n)
 
     def chord_add(self, group_id: str, count: int = 1) -> None:
-        def change(ch: Channel, doc: dict[str, Any]) -> dict[str, Any]:
-            doc["extra"] = int(doc.get("extra") or 0) + int(count)
-            return doc
+        def action(ch: Channel) -> None:
+            self._declare_counters(ch, group_id)
+            self._add_size(ch, self._names(group_id)[1], int(count))
 
-        self._chord_update(group_id, change)
+        self._publishing(action, "chord add")
 
     def chord_part_done(self, group_id: str, task_id: str, index: int | None, state: str,
                         result: Any, claim_seconds: int = CHORD_CLAIM_SECONDS
                         ) -> ChordJoin | None:
-        parts_queue = CHORD_PREFIX + group_id
+        parts_q, size_q, _, _, _ = self._names(group_id)
         body = self.encode({"part": [1, task_id, state, result], "index": index})
 
         def action(ch: Channel) -> ChordJoin | None:
-            ch.queue_declare(parts_queue, durable=True, arguments=self._queue_args())
-            ch.publish_confirmed([ch.f_publish("", parts_queue, body, {"delivery_mode": 2})], 1)
-            lock_ch = self._chord_lock(ch, group_id, float(claim_seconds))
-            if lock_ch is None:
-                log.warning("chord %s: could not take its lock in %ss", group_id, claim_seconds)
-                return None
-            claimed = False
-            old: list[Incoming] = []
-            try:
-                doc, old = self._chord_state(lock_ch, group_id)
-                if doc is None or doc.get("done") or doc.get("size") is None:
-                    return None
-                need = int(doc["size"]) + int(doc.get("extra") or 0)
-                _q, count, _c = lock_ch.queue_declare(parts_queue, passive=True)
-                if count < need:
-                    return None
-                got: list[Incoming] = []
-                while (inc := lock_ch.get(parts_queue)) is not None:
-                    got.append(inc)
-                members: dict[str, tuple[float, bytes, list[Any]]] = {}
-                for inc in got:
-                    item = self.decode(inc.body)
-                    part, idx = item["part"], item.get("index")
-                    member = f"{part[1]}:{'+inf' if idx is None else int(idx)}"
-                    order = float("inf") if idx is None else float(idx)
-                    members.setdefault(member, (order, inc.body, part))
-                if len(members) < need:
-                    if got:  # duplicates made the count: put them back, wait for the rest
-                        lock_ch.conn.send(lock_ch.f_nack(got[-1].delivery_tag, multiple=True,
-                                                         requeue=True))
-                    return None
-                ordered = sorted(members.values(), key=lambda m: (m[0], m[1]))
-                token = uuid.uuid4().hex
-                self._claims[token] = (lock_ch, got, old, doc)
-                claimed = True
-                return ChordJoin(group_id, token,
-                                 [(str(p[1]), str(p[2]), p[3]) for _, _, p in ordered])
-            finally:
-                if not claimed:
-                    with contextlib.suppress(AMQPError):
-                        self._release_state(lock_ch, old)
-                    self._chord_unlock(lock_ch, group_id)
+            args = self._queue_args()
+            # The part, confirmed (then it is counted); the target's count on the way.
+            ch.conn.send(ch.f_queue_declare(size_q, durable=True, arguments=args)
+                         + ch.f_queue_declare(parts_q, durable=True, arguments=args)
+                         + ch.f_publish("", parts_q, body, {"delivery_mode": 2}))
+            last = ch.publish_seq
+            _m, p1, _ = ch._expect([wire.QUEUE_DECLARE_OK])
+            ch._expect([wire.QUEUE_DECLARE_OK])
+            ch.wait_until(lambda: ch.confirmed_upto >= last, 30, "publisher confirm")
+            need = _declared_count(p1)
+            if need == 0:
+                return None  # no size: not a chord we know (or finished and removed)
+            _m, p2, _ = ch.call(ch.f_queue_declare(parts_q, passive=True),
+                                wire.QUEUE_DECLARE_OK)
+            count = _declared_count(p2)
+            if need == 0 or count < need:
+                return None  # not complete yet (or no size: not a chord we know)
+            return self._try_claim(ch, group_id, float(claim_seconds))
 
-        result_join: ChordJoin | None = self._publishing(action, "chord part")
-        return result_join
+        found: ChordJoin | None = self._publishing(action, "chord part")
+        return found
+
+    def _try_claim(self, ch: Channel, group_id: str, wait: float) -> ChordJoin | None:
+        parts_q, size_q, _, _, claim_q = self._names(group_id)
+        lock_ch = self._chord_lock(ch, group_id, wait)
+        if lock_ch is None:
+            log.warning("chord %s: could not take its lock in %.0fs", group_id, wait)
+            return None
+        claimed = False
+        old: list[Incoming] = []
+        held: list[Incoming] = []
+        reader: Channel | None = None
+        try:
+            doc, old = self._chord_state(lock_ch, group_id)
+            if doc.get("done"):
+                return None
+            if doc.get("claim") and self._claimer_alive(lock_ch, group_id):
+                return None
+            need = _declared_count(lock_ch.call(
+                lock_ch.f_queue_declare(size_q, passive=True), wire.QUEUE_DECLARE_OK)[1])
+            count = _declared_count(lock_ch.call(
+                lock_ch.f_queue_declare(parts_q, passive=True), wire.QUEUE_DECLARE_OK)[1])
+            if need == 0 or count < need:
+                return None
+            # Take every part (unacked: RabbitMQ gives them back if we die).
+            reader = ch.conn.channel()
+            reader.on_delivery = held.append
+            reader.qos(0)
+            reader.consume(parts_q, "claim")
+            reader.wait_until(lambda: len(held) >= count, 60, "chord parts")
+            reader.cancel("claim")
+            members: dict[str, tuple[float, bytes, list[Any]]] = {}
+            for inc in held:
+                item = self.decode(inc.body)
+                part, idx = item["part"], item.get("index")
+                member = f"{part[1]}:{'+inf' if idx is None else int(idx)}"
+                order = float("inf") if idx is None else float(idx)
+                members.setdefault(member, (order, inc.body, part))
+            if len(members) < need:
+                return None  # duplicates made the count: the parts go back below
+            reader.queue_declare(claim_q, durable=False, exclusive=True, auto_delete=True)
+            token = uuid.uuid4().hex
+            self._chord_write_state(lock_ch, group_id,
+                                    {"claim": token, "done": False,
+                                     "version": doc.get("version", 0)}, old)
+            old = []
+            ordered = sorted(members.values(), key=lambda m: (m[0], m[1]))
+            self._claims[token] = (reader, held, [], doc)
+            claimed = True
+            return ChordJoin(group_id, token,
+                             [(str(p[1]), str(p[2]), p[3]) for _, _, p in ordered])
+        finally:
+            with contextlib.suppress(AMQPError, TimeoutError):
+                if old:
+                    lock_ch.conn.send(lock_ch.f_nack(old[-1].delivery_tag, multiple=True,
+                                                     requeue=True))
+                if not claimed and reader is not None:
+                    reader.on_delivery = None
+                    if held:
+                        reader.conn.send(reader.f_nack(held[-1].delivery_tag, multiple=True,
+                                                       requeue=True))
+                    reader.close()
+            self._chord_unlock(lock_ch, group_id)
 
     def chord_extend(self, join: ChordJoin, seconds: int) -> bool:
         claim = self._claims.get(join.token)
         return claim is not None and claim[0].is_open and not claim[0].conn.closed
 
     def chord_finish(self, join: ChordJoin) -> bool:
+        parts_q, size_q, _, _, claim_q = self._names(join.group_id)
         with self._pub.lock:
             claim = self._claims.pop(join.token, None)
             if claim is None:
                 return False
-            lock_ch, got, old, doc = claim
-            if not lock_ch.is_open or lock_ch.conn.closed:
-                self._held_chords.discard(join.group_id)
+            reader, held = claim[0], claim[1]
+            if not reader.is_open or reader.conn.closed:
+                return False
+            lock_ch = self._chord_lock(reader, join.group_id, 60.0)
+            if lock_ch is None:
                 return False
             try:
-                lock_ch.confirm_select()
-                doc = {**doc, "done": True, "version": int(doc.get("version", 0)) + 1}
-                self._chord_write_state(lock_ch, join.group_id, doc, old)
-                if got:
-                    lock_ch.conn.send(lock_ch.f_ack(got[-1].delivery_tag, multiple=True))
-                lock_ch.queue_delete(CHORD_PREFIX + join.group_id)
+                doc, old = self._chord_state(lock_ch, join.group_id)
+                if doc.get("claim") != join.token or doc.get("done"):
+                    if old:
+                        lock_ch.conn.send(lock_ch.f_nack(old[-1].delivery_tag, multiple=True,
+                                                         requeue=True))
+                    return False
+                self._chord_write_state(lock_ch, join.group_id,
+                                        {"claim": None, "done": True,
+                                         "version": doc.get("version", 0)}, old)
+                if held:
+                    reader.conn.send(reader.f_ack(held[-1].delivery_tag, multiple=True))
+                reader.queue_delete(parts_q)
+                reader.queue_delete(size_q)
+                reader.queue_delete(claim_q)
+                reader.close()
                 return True
             except (AMQPError, TimeoutError) as exc:
                 log.warning("chord %s: finishing failed: %s", join.group_id, exc)

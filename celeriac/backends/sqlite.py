@@ -8,7 +8,14 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from celeriac.backends.base import CHORD_CLAIM_SECONDS, ChordJoin, ResultBackend, Waiter
+from celeriac.backends.base import (
+    CHORD_CLAIM_SECONDS,
+    TASK_KEY_PREFIX,
+    ChordJoin,
+    ResultBackend,
+    TaskMeta,
+    Waiter,
+)
 from celeriac.brokers.sqlite import open_database, path_from_url
 from celeriac.wakeup import Listener, Notifier, channel_dir
 
@@ -178,12 +185,30 @@ class SQLiteBackend(ResultBackend):
     def chord_part_done(self, group_id: str, task_id: str, index: int | None, state: str,
                         result: Any, claim_seconds: int = CHORD_CLAIM_SECONDS
                         ) -> ChordJoin | None:
+        return self._chord_part(group_id, task_id, index, state, result, claim_seconds, None)
+
+    def store_and_chord_part_done(self, meta: TaskMeta, group_id: str, task_id: str,
+                                  index: int | None, state: str, result: Any
+                                  ) -> ChordJoin | None:
+        # One transaction for the document and the part (half the writes per header task).
+        return self._chord_part(group_id, task_id, index, state, result, CHORD_CLAIM_SECONDS,
+                                meta)
+
+    def _chord_part(self, group_id: str, task_id: str, index: int | None, state: str,
+                    result: Any, claim_seconds: int, meta: TaskMeta | None
+                    ) -> ChordJoin | None:
         encoded = self.serializer.dumps([1, task_id, state, result])
         order = float("inf") if index is None else float(index)
         member = f"{task_id}:{'+inf' if index is None else int(index)}"
         conn = self._conn
 
         def record(row: tuple[Any, ...]) -> list[bytes] | str | None:
+            if meta is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO celeriac_results(key, status, expires, doc)"
+                    " VALUES (?, ?, ?, ?)",
+                    (TASK_KEY_PREFIX + meta["task_id"], meta["status"],
+                     time.time() + self.expires if self.expires else None, self.encode(meta)))
             size, extra, count, claim, claim_until, done, _ = row
             if done:
                 return None
@@ -206,6 +231,8 @@ class SQLiteBackend(ResultBackend):
             return token
 
         token = self._chord_write(group_id, record)
+        if meta is not None:
+            self._notifier.notify()
         if not isinstance(token, str):
             return None
         # The claim is ours: nobody changes the parts until chord_finish.
