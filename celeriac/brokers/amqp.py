@@ -21,7 +21,7 @@ How the broker interface maps onto RabbitMQ:
 * Delays (ETA, countdown, ``park``): per-queue delay tiers ``celeriac.delay.<queue>.<k>``,
   each with a queue TTL of 2**k ms that dead-letters back to the queue. A message waits in
   the largest tier not longer than its remaining time, and the consumer that receives it
-  early puts it in the next tier; the last few milliseconds it waits in the consumer.
+  early puts it in the next tier; the last 200 ms it waits in the consumer.
   Tiers have a fixed TTL, so they expire strictly in order (per-message TTLs would not).
 * A dead consumer: its connection closes and RabbitMQ requeues what it held. So
   ``recover``/``recover_stale`` have nothing to do across processes; within a process
@@ -93,7 +93,7 @@ DEAD_LETTER_EXCHANGE = "celeriac.dlx"
 DELAY_PREFIX = "celeriac.delay."
 BROADCAST_PREFIX = "celeriac.broadcast."
 MIN_TIER, MAX_TIER = 5, 32  # 32 ms .. 49.7 days per hop
-HOLD_WINDOW = 0.05  # due this soon: the consumer keeps it rather than another hop
+HOLD_WINDOW = 0.2  # due this soon: the consumer keeps it rather than another hop
 EARLY_SLACK = 0.0005
 
 DEFAULT_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2,
