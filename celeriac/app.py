@@ -8,6 +8,7 @@ makes its own).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import re
@@ -105,7 +106,7 @@ class Celery:
         if set_as_current:
             self.set_current()
         for maker in _shared_tasks:
-            self._pending.append(lambda maker=maker: maker(self))
+            self._pending.append(functools.partial(maker, self))
 
     def __repr__(self) -> str:
         return f"<Celery {self.main or '__main__'} at {id(self):#x}>"
@@ -315,7 +316,7 @@ class Celery:
             broker.configure(conf)
             return broker
 
-        return self._per_process("broker", make)  # type: ignore[no-any-return]
+        return self._per_process("broker", make)
 
     @property
     def backend_url(self) -> str | None:
@@ -349,17 +350,17 @@ class Celery:
             backend.configure(self.conf)
             return backend
 
-        return self._per_process("backend", make)  # type: ignore[no-any-return]
+        return self._per_process("backend", make)
 
     @property
     def control(self) -> Control:
         from celeriac.control import Control
 
-        return self._per_process("control", lambda: Control(self))  # type: ignore[no-any-return]
+        return self._per_process("control", lambda: Control(self))
 
     @property
     def accept_content(self) -> frozenset[str]:
-        return self._per_process(  # type: ignore[no-any-return]
+        return self._per_process(
             "accept", lambda: serializers.accepted_types(self.conf.accept_content)
         )
 
@@ -525,7 +526,7 @@ class Celery:
     @property
     def oid(self) -> str:
         """This client's id (the reply-to of its messages)."""
-        return self._per_process("oid", lambda: str(uuid.uuid4()))  # type: ignore[no-any-return]
+        return self._per_process("oid", lambda: str(uuid.uuid4()))
 
     def _send_retry(self, task: Task[Any, Any], request: Context, args: Any, kwargs: Any,
                     eta: datetime, options: dict[str, Any]) -> None:

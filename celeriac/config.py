@@ -51,7 +51,7 @@ def _number(minimum: float = 0, none: bool = True, integer: bool = False) -> Che
             raise ImproperlyConfigured(
                 f"{name}={value!r}: expected {'an integer' if integer else 'a number'}"
             )
-        if value < minimum:
+        if isinstance(value, int | float) and value < minimum:
             raise ImproperlyConfigured(f"{name}={value!r}: must be at least {minimum}")
         return value
 

@@ -98,6 +98,7 @@ class Retry(TaskError):
 
     message: str | None
     exc: BaseException | None
+    excs: str | None
     when: numbers.Real | datetime | None
 
     def __init__(

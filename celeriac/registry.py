@@ -37,7 +37,7 @@ class TaskRegistry(dict[str, "Task[Any, Any]"]):
             self._ensure()
         return super().__getitem__(key)
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         if not super().__contains__(key):
             self._ensure()
         return super().get(key, default)

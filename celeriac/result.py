@@ -193,7 +193,7 @@ class AsyncResult(Generic[R]):
             if isinstance(value, BaseException):
                 raise value
             raise TaskRevokedError(str(value))
-        return value  # type: ignore[no-any-return]
+        return value
 
     wait = get
 
@@ -252,14 +252,15 @@ class EagerResult(AsyncResult[R]):
     def _value(self, meta: TaskMeta) -> Any:
         return self._return
 
-    def get(self, timeout: float | None = None, propagate: bool = True, **_: Any) -> R:
+    def get(self, timeout: float | None = None, propagate: bool = True,  # type: ignore[override]
+            **_: Any) -> R:
         if propagate and self._state in states.PROPAGATE_STATES:
             if isinstance(self._return, BaseException):
                 raise self._return
             raise TaskRevokedError(str(self._return))
-        return self._return  # type: ignore[no-any-return]
+        return self._return
 
-    wait = get
+    wait = get  # type: ignore[assignment]
 
     def forget(self) -> None:
         pass

@@ -212,7 +212,7 @@ class Task(Generic[P, R]):
             self._check_arguments(args, kwargs)
         app = self.app
         if app.conf.task_always_eager:
-            return self.apply(  # type: ignore[return-value]
+            return self.apply(
                 args, kwargs, task_id=task_id, link=link, link_error=link_error, **options
             )
         return app._send(
@@ -264,7 +264,8 @@ class Task(Generic[P, R]):
     ) -> Signature:
         from celeriac.canvas import Signature
 
-        return Signature(self.name, args, kwargs, *starargs, app=self.app, **starkwargs)
+        starkwargs.setdefault("app", self.app)
+        return Signature(self.name, args, kwargs, *starargs, **starkwargs)
 
     subtask = signature
 
@@ -349,7 +350,7 @@ class Task(Generic[P, R]):
                 )
             else:
                 self.app._send_retry(self, request, args, kwargs, eta, options)
-        ret = Retry(exc=exc, when=when)
+        ret = Retry(exc=exc, when=when)  # type: ignore[arg-type]
         if throw:
             raise ret
         return ret
@@ -389,4 +390,5 @@ def make_task_class(
             raise ImproperlyConfigured(f"@task({key}=...): unknown task option {key!r}")
         attrs[key] = value
     cls = type(fun.__name__, (base,), attrs)
-    return cls()  # type: ignore[no-any-return]
+    task: Task[Any, Any] = cls()
+    return task

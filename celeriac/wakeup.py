@@ -25,7 +25,7 @@ _RACY_NS = 100_000_000
 try:
     # CPython's own SHA-1 gives the same digest as hashlib's without loading OpenSSL's
     # libcrypto, which adds ~3.5 MB to the RSS of the supervisor and of every forked child.
-    from _sha1 import sha1 as _sha1
+    from _sha1 import sha1 as _sha1  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - a build without it
     from hashlib import sha1 as _sha1
 
@@ -37,9 +37,9 @@ def _temp_dir() -> str:
     forked child). Same candidates in the same order; a ``tempfile.tempdir`` set by the
     program is honoured.
     """
-    tempfile = sys.modules.get("tempfile")
-    if tempfile is not None and tempfile.tempdir is not None:
-        return str(tempfile.tempdir)
+    loaded = sys.modules.get("tempfile")
+    if loaded is not None and loaded.tempdir is not None:
+        return str(loaded.tempdir)
     names = [os.environ.get(name) for name in ("TMPDIR", "TEMP", "TMP")]
     for directory in [*names, "/tmp", "/var/tmp", "/usr/tmp"]:
         if directory and os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK):

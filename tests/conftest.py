@@ -109,7 +109,8 @@ class WorkerProcess:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-                raise AssertionError(f"worker did not stop within {timeout}s:\n{self.log()}")
+                message = f"worker did not stop within {timeout}s:\n{self.log()}"
+                raise AssertionError(message) from None
         return self.proc.returncode
 
     def kill(self) -> None:

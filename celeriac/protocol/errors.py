@@ -36,8 +36,8 @@ def exception_to_dict(exc: BaseException) -> dict[str, Any]:
     module = cls.__module__
     if module == "celeriac.exceptions":
         module = "celery.exceptions"  # what Celery peers expect to find
-    if isinstance(exc, RemoteTaskError) and cls.exc_module:
-        module = cls.exc_module
+    if isinstance(exc, RemoteTaskError) and exc.exc_module:
+        module = exc.exc_module
     return {"exc_type": cls.__name__, "exc_message": _jsonable_args(exc), "exc_module": module}
 
 
@@ -81,7 +81,8 @@ def exception_from_dict(
     args = tuple(message) if isinstance(message, list | tuple) else (message,)
     cls = _resolve(module, name, registered or {}) or _stand_in(module, name)
     try:
-        return cls(*args)  # type: ignore[no-any-return]
+        rebuilt: BaseException = cls(*args)
+        return rebuilt
     except Exception:
         # Some exception classes take keyword-only or differently shaped arguments.
         exc = _stand_in(module, name)(*args)

@@ -121,7 +121,11 @@ def json_dumps(obj: Any) -> bytes:
 def json_loads(data: bytes | str) -> Any:
     value = orjson.loads(data)
     # Walking the tree is only needed when a tagged value is present; most messages have none.
-    if (b'"__type__"' if isinstance(data, bytes | bytearray) else '"__type__"') in data:
+    if isinstance(data, bytes | bytearray):
+        tagged = b'"__type__"' in data
+    else:
+        tagged = '"__type__"' in data
+    if tagged:
         return _untag(value)
     return value
 
@@ -135,7 +139,7 @@ def _msgpack() -> Serializer:
         ) from exc
 
     def dumps(obj: Any) -> bytes:
-        return msgpack.packb(obj, use_bin_type=True, default=_json_default)  # type: ignore[no-any-return]
+        return msgpack.packb(obj, use_bin_type=True, default=_json_default)
 
     def loads(data: bytes) -> Any:
         return _untag(msgpack.unpackb(data, raw=False, strict_map_key=False))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 
-
 class _TaskContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from celeriac.task import current_request
