@@ -29,9 +29,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, Python puts bench/ first on sys.path, where the other benches' modules
+# (bench/amqp.py) would shadow packages of the same name (py-amqp, which kombu imports).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+import psutil  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 # Targets from the issue, and Celery's numbers quoted there (Celery 5.7, prefork -c 2, Redis).

@@ -1217,7 +1217,14 @@ class AMQPSubscriber(Subscriber):
         self._queue = ""
         self._pending: list[tuple[float, str, bytes]] = []  # (expires, bid, body)
         self._seen: dict[str, float] = {}  # bid -> expires
-        self._setup()
+        self._retry_at = 0.0
+        try:
+            self._setup()
+        except (ConnectionLost, ChannelClosed, TimeoutError) as exc:
+            # Not fatal: poll() sets it up once the broker is back (what was kept meanwhile
+            # is replayed then).
+            log.warning("broadcast subscriber %r: %s; will retry", channel, exc)
+            self._retry_at = time.monotonic() + 1.0
 
     def _setup(self) -> None:
         conn = self.broker.new_connection()
@@ -1272,6 +1279,9 @@ class AMQPSubscriber(Subscriber):
         ch = self._ch
         try:
             if ch is None or not ch.is_open or ch.conn.closed:
+                if time.monotonic() < self._retry_at:
+                    return []
+                self._retry_at = time.monotonic() + 1.0
                 self._reconnect()
                 ch = self._ch
             assert ch is not None
