@@ -7,7 +7,6 @@ an hour later.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -377,6 +376,8 @@ def check_setting(name: str, value: Any) -> Any:
         return setting.check(name, value)
     if name in CELERY_ONLY or name.startswith("_"):
         return value
+    import difflib  # here, not at the top: only unknown names need it (worker memory)
+
     if name.startswith(_CHECKED_PREFIXES) or difflib.get_close_matches(name, SETTINGS, 1, 0.85):
         close = difflib.get_close_matches(name, list(SETTINGS) + sorted(CELERY_ONLY), 1, 0.7)
         hint = f"; did you mean {close[0]!r}?" if close else ""

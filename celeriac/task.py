@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import random
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -98,6 +97,8 @@ def exponential_backoff(
     """Celery's retry_backoff: ``min(maximum, factor * 2**retries)``, then full jitter."""
     countdown = min(maximum, factor * (2**retries))
     if full_jitter:
+        import random  # here: only jittered retries need it (worker memory)
+
         countdown = random.randrange(int(countdown) + 1)
     return max(0.0, countdown)
 

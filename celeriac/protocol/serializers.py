@@ -8,10 +8,8 @@ Pickle exists only for users who name it explicitly.
 
 from __future__ import annotations
 
-import base64
-import decimal
-import json
 import re
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,7 +44,8 @@ def _json_default(obj: Any) -> Any:
         return {_TAG: "date", "__value__": obj.isoformat()}
     if isinstance(obj, time):
         return {_TAG: "time", "__value__": obj.isoformat()}
-    if isinstance(obj, decimal.Decimal):
+    decimal = sys.modules.get("decimal")  # no Decimal can exist unless it was imported
+    if decimal is not None and isinstance(obj, decimal.Decimal):
         return {_TAG: "decimal", "__value__": str(obj)}
     if isinstance(obj, uuid.UUID):
         return {_TAG: "uuid", "__value__": {"hex": obj.hex}}
@@ -56,6 +55,8 @@ def _json_default(obj: Any) -> Any:
         try:
             return {_TAG: "bytes", "__value__": raw.decode("utf-8")}
         except UnicodeDecodeError:
+            import base64  # here: only bytes arguments need it (worker memory)
+
             return {_TAG: "base64", "__value__": base64.b64encode(raw).decode("ascii")}
     if isinstance(obj, set | frozenset):
         return list(obj)
@@ -69,10 +70,10 @@ _TAG_DECODERS: dict[str, Callable[[Any], Any]] = {
     "datetime": datetime.fromisoformat,
     "date": date.fromisoformat,
     "time": time.fromisoformat,
-    "decimal": decimal.Decimal,
+    "decimal": lambda v: __import__("decimal").Decimal(v),
     "uuid": lambda v: uuid.UUID(**v) if isinstance(v, dict) else uuid.UUID(v),
     "bytes": lambda v: v.encode("utf-8"),
-    "base64": lambda v: base64.b64decode(v),
+    "base64": lambda v: __import__("base64").b64decode(v),
 }
 
 
@@ -108,6 +109,8 @@ def json_dumps(obj: Any) -> bytes:
     except TypeError as exc:
         if "Integer exceeds 64-bit range" in str(exc):
             # orjson refuses big ints; the stdlib does not.
+            import json
+
             return json.dumps(obj, default=_json_default).encode()
         raise
     if b"-" in data and _UUID_TEXT.search(data) is not None:

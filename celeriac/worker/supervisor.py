@@ -10,7 +10,6 @@ TERM/INT, or QUIT: kill the children now) shutdown.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import select
 import signal
@@ -177,7 +176,7 @@ class Supervisor:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT):
                     signal.signal(sig, signal.SIG_DFL)
                 self._wakeup_r.close()  # the write end stays: see SlotTable.notify_fd
-                multiprocessing.current_process().name = f"Worker-{index + 1}"
+                _name_process(f"Worker-{index + 1}")
                 child = ChildWorker(self.app, self._child_config(index, consumer_id), self.slots)
                 child.install_signals()
                 code = child.run()
@@ -352,6 +351,22 @@ class Supervisor:
         self.shutdown = "cold"
         for child in self.children.values():
             _kill(child.pid, signal.SIGKILL)
+
+
+def _name_process(name: str) -> None:
+    """Name this process in log records (``%(processName)s``).
+
+    A record factory, not ``multiprocessing.current_process().name``: importing
+    multiprocessing only for that costs ~0.35 MB in the supervisor and in every child.
+    """
+    make_record = logging.getLogRecordFactory()
+
+    def named(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        record.processName = name
+        return record
+
+    logging.setLogRecordFactory(named)
 
 
 def _die_with_parent(parent: int) -> None:
