@@ -102,6 +102,9 @@ def open_database(
     # many WAL pages. SQLite's default, 1000 (4 MB), puts one in every ~250 tasks of a busy
     # worker; 10000 (up to ~40 MB of WAL) drains ~30% faster. Durability is unchanged.
     conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
+    # The hot rows are few (the queue heads and fresh results); 512 KiB of page cache per
+    # connection instead of 2 MiB keeps each worker child small at no measured cost.
+    conn.execute("PRAGMA cache_size=-512")
     return conn
 
 
