@@ -1296,6 +1296,7 @@ class AMQPSubscriber(Subscriber):
             headers = inc.properties.get("headers") or {}
             if inc.exchange == PIDBOX_EXCHANGE:
                 found = _celery_revocation(headers, inc.body)
+                log.warning("DEBUG pidbox %r -> %r", inc.body[:100], found)
                 if found is not None:
                     expires = headers.get("expires")
                     self._pending.append((float(expires) if expires else time.time() + 3600,

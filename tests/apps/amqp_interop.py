@@ -127,7 +127,9 @@ def celeriac_amqp_worker(amqp_interop: AmqpInterop, celeriac_amqp_app: Celery,
         worker = start_worker(celeriac_amqp_app, *args, env=env, wait=False, **kwargs)
         try:
             assert interop_tasks.add.delay(1, 1).get(timeout=30) == 2
-            listeners = max(1, len(worker.children()))
+            # Every child and the supervisor bind a queue to celery.pidbox (a Celery revoke
+            # is not kept for a late listener, unlike celeriac's own).
+            listeners = len(worker.children()) + 1
             wait_for(lambda: pidbox_listeners(amqp_interop.vhost) >= listeners, 30,
                      interval=0.2, message="the worker to listen for Celery's revokes")
         except BaseException:
