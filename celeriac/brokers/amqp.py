@@ -618,6 +618,7 @@ class AMQPBroker(Broker):
 
 REVOKE_CHANNEL = "celeriac.revoked"  # control.REVOKE_CHANNEL: bridged to Celery's pidbox
 PIDBOX_EXCHANGE = "celery.pidbox"  # fanout, not durable, as Celery declares it
+CELERY_REVOKE_TTL = 10800.0  # Celery's REVOKE_EXPIRES (worker_revoke_expires)
 
 
 def declare_pidbox(ch: Channel, topology: Topology) -> None:
@@ -1296,11 +1297,12 @@ class AMQPSubscriber(Subscriber):
             headers = inc.properties.get("headers") or {}
             if inc.exchange == PIDBOX_EXCHANGE:
                 found = _celery_revocation(headers, inc.body)
-                log.warning("DEBUG pidbox %r -> %r", inc.body[:100], found)
                 if found is not None:
-                    expires = headers.get("expires")
-                    self._pending.append((float(expires) if expires else time.time() + 3600,
-                                          uuid.uuid4().hex, orjson.dumps(found)))
+                    # The pidbox "expires" header bounds the request's delivery (kombu: a
+                    # second), not how long the revocation holds: that is the worker's
+                    # business (worker_revoke_expires), as with Celery's own workers.
+                    self._pending.append((time.time() + CELERY_REVOKE_TTL, uuid.uuid4().hex,
+                                          orjson.dumps(found)))
                 continue
             self._keep(headers, inc.body)
         now = time.time()
