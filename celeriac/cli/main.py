@@ -5,77 +5,19 @@ Errors print one line naming the problem, never a traceback.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 import sys
-import traceback
 from collections.abc import Sequence
-from importlib import import_module
 from typing import Any
 
 import click
 
 from celeriac.app import Celery
-from celeriac.exceptions import CeleriacError, ImproperlyConfigured
-
-
-def find_app(spec: str) -> Celery:
-    """Resolve ``-A`` like Celery: ``module``, ``module:attr``, ``module.attr`` or a package."""
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = _import(spec, module_name)
-    except ModuleNotFoundError as exc:
-        if attr or "." not in module_name or exc.name != module_name:
-            raise click.ClickException(f"-A {spec}: cannot import {exc.name!r}") from None
-        # "pkg.mod.attr": the last part may be an attribute.
-        module_name, _, attr = module_name.rpartition(".")
-        try:
-            module = _import(spec, module_name)
-        except ModuleNotFoundError as exc2:
-            raise click.ClickException(f"-A {spec}: cannot import {exc2.name!r}") from None
-    if attr:
-        found = getattr(module, attr, None)
-        if inspect.isfunction(found):  # an app factory, as Celery allows (never a task)
-            try:
-                found = found()
-            except Exception as exc:
-                raise click.ClickException(
-                    f"-A {spec}: calling {attr}() raised {type(exc).__name__}: {exc}"
-                ) from None
-        if not isinstance(found, Celery):
-            raise click.ClickException(f"-A {spec}: {attr!r} is not a celeriac app")
-        return found
-    for name in ("app", "celery"):
-        found = getattr(module, name, None)
-        if isinstance(found, Celery):
-            return found
-    for found in vars(module).values():
-        if isinstance(found, Celery):
-            return found
-    if hasattr(module, "__path__"):  # a package: look in pkg.celery as Celery does
-        try:
-            return find_app(f"{module_name}.celery")
-        except click.ClickException:
-            pass
-    raise click.ClickException(f"-A {spec}: no celeriac app found in module {module_name!r}")
-
-
-def _import(spec: str, module_name: str) -> Any:
-    """Import the app's module; its own errors become one line naming where they happened."""
-    try:
-        return import_module(module_name)
-    except (ModuleNotFoundError, CeleriacError):
-        raise
-    except Exception as exc:
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-        raise click.ClickException(
-            f"-A {spec}: importing {module_name!r} raised {type(exc).__name__}: {exc}{where}"
-        ) from None
+from celeriac.cli.appspec import AppNotFound, find_app, one_line
+from celeriac.exceptions import CeleriacError
+from celeriac.worker.__main__ import exec_worker, setup_logging
 
 
 def _app(ctx: click.Context) -> Celery:
@@ -84,7 +26,10 @@ def _app(ctx: click.Context) -> Celery:
         spec = ctx.obj.get("app")
         if not spec:
             raise click.ClickException("no app given: use -A/--app module[:attribute]")
-        app = find_app(spec)
+        try:
+            app = find_app(spec)
+        except AppNotFound as exc:
+            raise click.ClickException(str(exc)) from None
         if ctx.obj.get("broker"):
             app.conf.broker_url = ctx.obj["broker"]
         if ctx.obj.get("backend"):
@@ -101,17 +46,11 @@ class FriendlyGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except (CeleriacError, ImproperlyConfigured, ValueError, OSError,
-                NotImplementedError) as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
         except Exception as exc:
-            # Anything else (a server library's connection error, a bug): still one line,
-            # with the way to see the traceback.
-            if os.environ.get("CELERIAC_TRACEBACK"):
+            line = one_line(exc)
+            if line is None:
                 raise
-            raise click.ClickException(
-                f"{type(exc).__name__}: {exc} (set CELERIAC_TRACEBACK=1 for the traceback)"
-            ) from None
+            raise click.ClickException(line) from None
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,13 +70,10 @@ def cli(ctx: click.Context, app_spec: str | None, broker: str | None,
     ctx.obj.update(app=app_spec, broker=broker, backend=result_backend)
 
 
-def setup_logging(app: Celery, level: str) -> None:
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
+def check_loglevel(level: str) -> str:
+    if not isinstance(logging.getLevelName(level.upper()), int):
         raise click.BadParameter(f"unknown log level {level!r}", param_hint="-l/--loglevel")
-    if app.conf.worker_hijack_root_logger:
-        logging.basicConfig(level=numeric, format=app.conf.worker_log_format, force=True)
-    logging.getLogger("celeriac").setLevel(numeric)
+    return level
 
 
 @cli.command()
@@ -164,16 +100,23 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str | None,
            max_memory_per_child: int | None, optimization: str | None,
            task_events: bool) -> None:
     """Start a worker: a supervisor and its child processes."""
+    check_loglevel(loglevel)
+    options: dict[str, Any] = {
+        "app": ctx.obj.get("app"), "broker": ctx.obj.get("broker"),
+        "backend": ctx.obj.get("backend"), "loglevel": loglevel, "pool": pool,
+        "worker": {"concurrency": concurrency, "queues": queues, "hostname": hostname,
+                   "prefetch_multiplier": prefetch_multiplier,
+                   "max_tasks_per_child": max_tasks_per_child,
+                   "max_memory_per_child": max_memory_per_child},
+    }
+    if ctx.obj.get("may_exec") and options["app"] and sys.executable:
+        # The worker runs without click in memory (celeriac/worker/__main__.py says why).
+        exec_worker(options, sys.argv[1:])
     app = _app(ctx)
     setup_logging(app, loglevel)
     if pool:
         app.conf.worker_pool = pool
-    supervisor = app.Worker(
-        concurrency=concurrency, queues=queues, hostname=hostname,
-        prefetch_multiplier=prefetch_multiplier, max_tasks_per_child=max_tasks_per_child,
-        max_memory_per_child=max_memory_per_child,
-    )
-    sys.exit(supervisor.start())
+    sys.exit(app.Worker(**options["worker"]).start())
 
 
 def _json_option(value: str | None, name: str, kind: type) -> Any:
@@ -322,6 +265,8 @@ def deadletters_purge(ctx: click.Context, ids: Sequence[str], purge_all: bool) -
 
 
 def main(argv: Sequence[str] | None = None, obj: Celery | None = None) -> None:
-    extra = {"app_instance": obj} if obj is not None else {}
+    # Only a real command line (not an embedding caller) may replace its process.
+    extra: dict[str, Any] = {"app_instance": obj} if obj is not None else {
+        "may_exec": argv is None}
     cli.main(args=list(argv) if argv is not None else None, prog_name="celeriac",
              obj=extra)
