@@ -152,10 +152,17 @@ class Celery:
                 conf[key] = value
         for key, value in self._preconf.items():
             conf[key] = value
-        for env_name, key in (("CELERIAC_BROKER_URL", "broker_url"),
-                              ("CELERIAC_RESULT_BACKEND", "result_backend")):
-            if os.environ.get(env_name) and key not in self._preconf:
-                conf[key] = os.environ[env_name]
+        # Celery's variables too, so a process configured for Celery finds the same servers;
+        # celeriac's own win when both are set.
+        for names, key in ((("CELERIAC_BROKER_URL", "CELERY_BROKER_URL"), "broker_url"),
+                           (("CELERIAC_RESULT_BACKEND", "CELERY_RESULT_BACKEND"),
+                            "result_backend")):
+            if key in self._preconf:
+                continue
+            for env_name in names:
+                if os.environ.get(env_name):
+                    conf[key] = os.environ[env_name]
+                    break
         for key, value in self._direct.items():
             conf[key] = value
         return conf

@@ -356,6 +356,23 @@ def test_environment_urls_override_sources_but_not_the_constructor(
     assert app2.conf.result_backend == "memory://env-results"
 
 
+def test_celerys_environment_urls_are_read_and_ours_win(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CELERIAC_BROKER_URL", raising=False)
+    monkeypatch.delenv("CELERIAC_RESULT_BACKEND", raising=False)
+    monkeypatch.setenv("CELERY_BROKER_URL", "memory://celery-env")
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", "memory://celery-results")
+    app = Celery("t", set_as_current=False)
+    app.config_from_object(PlainConfig)
+    assert app.conf.broker_url == "memory://celery-env"
+    assert app.conf.result_backend == "memory://celery-results"
+    monkeypatch.setenv("CELERIAC_BROKER_URL", "memory://ours")
+    app2 = Celery("t", set_as_current=False)
+    assert app2.conf.broker_url == "memory://ours"
+    assert app2.conf.result_backend == "memory://celery-results"
+
+
 def test_add_defaults() -> None:
     app = Celery("t", set_as_current=False)
     app.add_defaults({"task_default_queue": "defaulted"})
