@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -45,7 +46,7 @@ CHORD_SEND_SECONDS = 60
 _current: list[Celery] = []
 _batch = threading.local()  # app._publishing(): messages waiting to be published
 _shared_tasks: list[Callable[[Celery], Any]] = []
-_all_apps: list[Celery] = []
+_all_apps: weakref.WeakSet[Celery] = weakref.WeakSet()  # for shared_task
 
 
 def current_app() -> Celery:
@@ -102,7 +103,7 @@ class Celery:
         self.log = logging.getLogger("celeriac")
         self.autofinalize = autofinalize
         self._autodiscover: list[tuple[Sequence[str], str]] = []
-        _all_apps.append(self)
+        _all_apps.add(self)
         if set_as_current:
             self.set_current()
         for maker in _shared_tasks:
@@ -934,8 +935,11 @@ def shared_task(*args: Any, **options: Any) -> Any:
             return app._create_task(fun, options)
 
         _shared_tasks.append(make)
-        for app in _all_apps:
-            make(app)
+        for app in list(_all_apps):
+            if app._finalized:
+                make(app)
+            else:  # like new apps: created when the app is finalized (config read then)
+                app._pending.append(functools.partial(make, app))
         return _SharedTaskProxy(fun, options)
 
     if len(args) == 1 and callable(args[0]) and not options:
