@@ -34,6 +34,8 @@ def main() -> int:
     sys.path.insert(0, str(workdir))
     from demo_tasks import add  # the same module the worker loads
 
+    from celeriac import ResultSet
+
     console.print(f"[bold]celeriac demo[/] in {workdir} (embedded SQLite broker)")
     worker = subprocess.Popen(
         [sys.executable, "-m", "celeriac", "-A", "demo_tasks", "worker",
@@ -54,11 +56,15 @@ def main() -> int:
             progress.update(sending, completed=args.tasks)
             sent = time.perf_counter()
             done_bar = progress.add_task("finished", total=args.tasks)
-            values = []
-            for index, result in enumerate(results):
-                values.append(result.get(timeout=60))
-                if index % 100 == 99:
-                    progress.update(done_bar, completed=index + 1)
+            values: list[int] = []
+
+            def collected(task_id: str, value: int) -> None:
+                values.append(value)
+                if len(values) % 100 == 0:
+                    progress.update(done_bar, completed=len(values))
+
+            # One ResultSet reads ready results in batches (one query each), in order.
+            ResultSet(results).join(timeout=60, callback=collected)
             progress.update(done_bar, completed=args.tasks)
             finished = time.perf_counter()
         assert values == [2 * i for i in range(args.tasks)], "wrong results"
