@@ -334,6 +334,274 @@ def bench_celery(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return out
 
 
+# -- both on Redis (--broker redis) ----------------------------------------------------------
+
+# celeriac's keys go to their own two dbs (and a run prefix), Celery's to REDIS_*_DB.
+CELERIAC_REDIS_BROKER_DB, CELERIAC_REDIS_RESULT_DB = 13, 14
+
+# Targets from issue #3 (Redis broker + Redis results, worker -c 2, 2 cores).
+REDIS_TARGETS = {
+    "drain_plain_per_s": 10000.0,  # >= 10x Celery's ~1,000/s
+    "drain_results_per_s": 8000.0,
+    "enqueue_per_s": 10000.0,
+    "rt_p50_ms": 1.0,
+}
+CELERY_REDIS_REFERENCE = {"drain_plain_per_s": 1000.0, "drain_results_per_s": 900.0,
+                          "enqueue_per_s": 2100.0, "rt_p50_ms": 2.1}
+
+
+class RedisSide:
+    """What the Redis measurements need to know of one system (celeriac or Celery)."""
+
+    name: str
+    broker_db: int
+    result_db: int
+    queue_key: str  # the queue's list (priority 0)
+    prefix: str
+    tasks: Any  # module with noop and started_at
+    cmd: list[str]
+
+    def __init__(self) -> None:
+        import redis
+
+        self.bdb = redis.Redis(REDIS_HOST, REDIS_PORT, db=self.broker_db)
+        self.rdb = redis.Redis(REDIS_HOST, REDIS_PORT, db=self.result_db)
+
+    def held(self) -> int:
+        """Messages taken off the queue but not acked yet."""
+        raise NotImplementedError
+
+    def close_app(self) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        for client in (self.bdb, self.rdb):
+            try:
+                delete_prefixed(client, self.prefix)
+            finally:
+                client.close()
+
+
+class CeleriacRedis(RedisSide):
+    def __init__(self, run: str) -> None:
+        self.name = "celeriac"
+        self.broker_db, self.result_db = CELERIAC_REDIS_BROKER_DB, CELERIAC_REDIS_RESULT_DB
+        self.prefix = f"celeriac-bench-{run}:"
+        query = f"?global_keyprefix={self.prefix}"
+        broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.broker_db}{query}"
+        backend = f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.result_db}{query}"
+        os.environ.update(CELERIAC_BROKER_URL=broker, CELERIAC_RESULT_BACKEND=backend)
+        from bench import celeriac_app
+
+        self.tasks = celeriac_app
+        self.queue_key = self.prefix + "celery"
+        self.cmd = [str(BIN / "celeriac"), "-A", "bench.celeriac_app", "worker", "-c"]
+        super().__init__()
+
+    def held(self) -> int:
+        consumers = self.bdb.zrange(self.prefix + "celeriac.consumers", 0, -1)
+        pipe = self.bdb.pipeline(transaction=False)
+        for cid in consumers:
+            pipe.hlen(self.prefix + "celeriac.inflight." + cid.decode())
+        return sum(int(n) for n in pipe.execute())
+
+    def close_app(self) -> None:
+        self.tasks.app.close()
+
+
+class CeleryRedis(RedisSide):
+    def __init__(self, run: str) -> None:
+        self.name = "Celery"
+        self.broker_db, self.result_db = REDIS_BROKER_DB, REDIS_RESULT_DB
+        self.prefix = f"celeriac-bench-{run}:"
+        queue = f"bench-{run}"
+        os.environ.update(
+            BENCH_CELERY_BROKER=f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.broker_db}",
+            BENCH_CELERY_BACKEND=f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.result_db}",
+            BENCH_CELERY_QUEUE=queue, BENCH_CELERY_PREFIX=self.prefix)
+        from bench import celery_app
+
+        self.tasks = celery_app
+        self.queue_key = self.prefix + queue
+        self.cmd = [str(BIN / "celery"), "-A", "bench.celery_app", "worker", "-P", "prefork",
+                    "-Q", queue, "-n", f"bench-{run}@%h", "-l", "WARNING", "-c"]
+        super().__init__()
+
+    def held(self) -> int:
+        return int(self.bdb.hlen(self.prefix + "unacked"))
+
+    def close_app(self) -> None:
+        self.tasks.app.close()
+
+
+def _drain_staged(side: RedisSide, worker: WorkerProc, staged: str, n: int, until_results: bool,
+                  timeout: float) -> float:
+    """Move a filled queue under an idle, warm worker at once; seconds until all done."""
+    base = side.rdb.dbsize()
+    t0 = time.perf_counter()
+    # RENAME wakes the consumers blocked on the queue (BRPOP, BLMOVE) like a push does.
+    side.bdb.rename(staged, side.queue_key)
+    deadline = t0 + timeout
+    while True:
+        time.sleep(0.005)
+        now = time.perf_counter()
+        if until_results:
+            done = side.rdb.dbsize() - base >= n
+        else:
+            done = side.bdb.llen(side.queue_key) == 0 and side.held() == 0
+        if done:
+            return now - t0
+        worker.check()
+        if now > deadline:
+            raise RuntimeError(f"{side.name}: drain timed out after {timeout}s")
+
+
+def _enqueue(side: RedisSide, n: int, stage: str, **options: Any) -> float:
+    """``noop`` sent n times in a plain loop (no worker running); then set aside in ``stage``."""
+    noop = side.tasks.noop
+    t = time.perf_counter()
+    if options:
+        for _ in range(n):
+            noop.apply_async(**options)
+    else:
+        for _ in range(n):
+            noop.delay()
+    rate = n / (time.perf_counter() - t)
+    side.bdb.rename(side.queue_key, stage)
+    return rate
+
+
+def bench_redis_side(side: RedisSide, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    n = args.tasks
+    out: dict[str, Any] = {"broker": f"redis db {side.broker_db}, results db {side.result_db}"}
+    stage_results, stage_plain = side.prefix + "stage.results", side.prefix + "stage.plain"
+    worker = None
+    quiet = args.json
+    try:
+        noop = side.tasks.noop
+        noop.apply_async(ignore_result=True)  # connect (and declare) before timing
+        side.bdb.delete(side.queue_key)
+        log(f"{side.name}: enqueue {n} tasks, noop.delay() loop", quiet)
+        out["enqueue_per_s"] = _enqueue(side, n, stage_results)
+        log(f"{side.name}: enqueue {n} tasks, noop.apply_async(ignore_result=True) loop", quiet)
+        out["enqueue_ignored_per_s"] = _enqueue(side, n, stage_plain, ignore_result=True)
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        cmd = [*side.cmd, str(args.concurrency)]
+        log(f"{side.name}: " + " ".join(cmd[1:]), quiet)
+        worker = WorkerProc(cmd, env, tmp, tmp / f"{side.name}-redis-worker.log")
+        for _ in range(20):  # up, connected, warm
+            noop.delay().get(timeout=60)
+        out["startup_s"] = time.perf_counter() - worker.started
+        end = time.monotonic() + 10
+        while side.held() and time.monotonic() < end:
+            time.sleep(0.01)
+        log(f"{side.name}: drain {n} tasks, results ignored", quiet)
+        secs = _drain_staged(side, worker, stage_plain, n, False, args.timeout)
+        out["drain_plain_per_s"] = n / secs
+        log(f"{side.name}: drain {n} tasks, results stored", quiet)
+        secs = _drain_staged(side, worker, stage_results, n, True, args.timeout)
+        out["drain_results_per_s"] = n / secs
+        out.update(worker.memory())
+        end = time.monotonic() + 10
+        while side.held() and time.monotonic() < end:
+            time.sleep(0.01)
+        log(f"{side.name}: {args.roundtrips} delay().get() round trips", quiet)
+        out.update(round_trips(noop, args.roundtrips))
+        log(f"{side.name}: {args.wakeups} wake-ups of the idle worker", quiet)
+        out.update(wake_ups(side.tasks.started_at, args.wakeups, (args.gap_min, args.gap_max)))
+        worker.check()
+    finally:
+        if worker is not None:
+            worker.stop()
+        try:
+            side.close_app()
+        except Exception:
+            pass
+        side.cleanup()
+    return out
+
+
+REDIS_ROWS = [
+    # key, label, unit, format, lower is better
+    ("enqueue_per_s", "enqueue, noop.delay() loop", "tasks/s", "{:,.0f}", False),
+    ("enqueue_ignored_per_s", "enqueue, apply_async(ignore_result)", "tasks/s", "{:,.0f}", False),
+    ("drain_plain_per_s", "drain, results ignored", "tasks/s", "{:,.0f}", False),
+    ("drain_results_per_s", "drain, results stored", "tasks/s", "{:,.0f}", False),
+    ("rt_p50_ms", "delay().get() p50", "ms", "{:.2f}", True),
+    ("rt_p99_ms", "delay().get() p99", "ms", "{:.2f}", True),
+    ("wake_p50_ms", "idle wake-up p50", "ms", "{:.2f}", True),
+    ("wake_p99_ms", "idle wake-up p99", "ms", "{:.2f}", True),
+    ("rss_mb", "worker RSS, summed", "MB", "{:.1f}", True),
+    ("pss_mb", "worker PSS, summed", "MB", "{:.1f}", True),
+    ("startup_s", "worker start -> 20 round trips", "s", "{:.2f}", True),
+]
+
+
+def bench_redis(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    ensure_redis(args.json)
+    run = uuid.uuid4().hex[:10]
+    ours = bench_redis_side(CeleriacRedis(run), args, tmp)
+    theirs = celery_error = None
+    if not args.skip_celery:
+        try:
+            theirs = bench_redis_side(CeleryRedis(run), args, tmp)
+        except Exception as exc:  # report celeriac's numbers even if Celery's side fails
+            celery_error = f"{type(exc).__name__}: {exc}"
+    ratios = {}
+    speedups = {}
+    for key, _, _, _, lower in REDIS_ROWS:
+        if theirs and ours.get(key) and theirs.get(key):
+            ratios[key] = ours[key] / theirs[key]
+            speedups[key] = 1 / ratios[key] if lower else ratios[key]
+    verdicts = {}
+    for key, target in REDIS_TARGETS.items():
+        if key in ours:
+            lower = key.endswith("_ms")
+            verdicts[key] = "PASS" if (ours[key] <= target if lower else ours[key] >= target) \
+                else "FAIL"
+    if theirs and "drain_plain_per_s" in ratios:
+        verdicts["drain_plain_10x_celery"] = "PASS" if ratios["drain_plain_per_s"] >= 10 else "FAIL"
+    load = os.getloadavg()
+    result = {"tasks": args.tasks, "concurrency": args.concurrency, "celeriac": ours,
+              "celery": theirs, "celery_error": celery_error,
+              "ratios_celeriac_over_celery": ratios, "targets": REDIS_TARGETS,
+              "verdicts": verdicts, "celery_reference_from_issue": CELERY_REDIS_REFERENCE,
+              "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                          "loadavg_at_end": load}}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return result
+    print()
+    print(f"Redis broker + Redis results, {args.tasks:,} no-op tasks, worker -c "
+          f"{args.concurrency}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+          f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"celeriac: {ours['broker']}"
+          + (f"   |   Celery 5.7 prefork: {theirs['broker']}" if theirs else ""))
+    head = (f"{'':36} {'unit':>7} {'celeriac':>10} {'Celery 5.7':>11} {'better':>7}  "
+            f"{'target':<12} verdict")
+    print(head)
+    print("-" * len(head))
+    for key, label, unit, fmt, lower in REDIS_ROWS:
+        mine = fmt.format(ours[key]) if key in ours else "-"
+        other = fmt.format(theirs[key]) if theirs and key in theirs else "-"
+        better = f"{speedups[key]:.1f}x" if key in speedups else "-"
+        target = REDIS_TARGETS.get(key)
+        tgt = "" if target is None else (f"<= {target:g} ms" if lower else f">= {target:,.0f}/s")
+        print(f"{label:36} {unit:>7} {mine:>10} {other:>11} {better:>7}  {tgt:<12} "
+              f"{verdicts.get(key, '')}")
+    print("-" * len(head))
+    if "drain_plain_10x_celery" in verdicts:
+        print(f"drain >= 10x Celery's (same run): {ratios['drain_plain_per_s']:.1f}x  "
+              f"{verdicts['drain_plain_10x_celery']}")
+    print("better = how many times better celeriac is (rates: ours/theirs; ms, MB, s: "
+          "theirs/ours)")
+    print("Celery reference from the issue (2 cores): drains ~1,000/s (900/s with results), "
+          "enqueues ~2,100/s, get() p50 2.1 ms")
+    if celery_error:
+        print(f"Celery measurement failed: {celery_error}")
+    return result
+
+
 # -- report ----------------------------------------------------------------------------------
 
 ROWS = [
@@ -412,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=180.0, help="drain timeout (s)")
     parser.add_argument("--skip-celery", action="store_true", help="measure celeriac only")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--broker", choices=("sqlite", "redis"), default="sqlite",
+                        help="sqlite: celeriac embedded vs Celery on Redis (default); "
+                             "redis: both on the same local Redis (broker and results)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
 
@@ -423,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="celeriac-bench-"))
     try:
+        if args.broker == "redis":
+            bench_redis(args, tmp)
+            return 0
         ours = bench_celeriac(args, tmp)
         theirs = celery_error = None
         if not args.skip_celery:
