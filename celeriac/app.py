@@ -388,19 +388,85 @@ class Celery:
         This is the order Celery's router applies (the task's own ``queue`` is merged into
         the options before the routes are consulted, and options win).
         """
+        return self._route(name, args, kwargs, options, task)[0]
+
+    def _route(self, name: str, args: Any = (), kwargs: Any = None,
+               options: dict[str, Any] | None = None, task: Task[Any, Any] | None = None
+               ) -> tuple[str, tuple[str, str, str] | None]:
+        """The queue, and the (exchange, routing key, type) when it goes through an exchange.
+
+        ``queue``/``exchange``/``routing_key``/``exchange_type`` options win over what a
+        route gives (Celery merges the route under the options). A message goes through an
+        exchange when both an exchange and a routing key are known, or the exchange (or
+        the queue's, from ``task_queues``) is a topic or fanout one; otherwise to the
+        default exchange with the queue name as routing key, as Celery publishes.
+        """
         options = options or {}
-        queue = options.get("queue")
-        if queue:
-            return str(queue.name if hasattr(queue, "name") else queue)
-        if task is not None and task.queue:
-            return str(task.queue)
-        routes = self.conf.task_routes
-        if routes:
-            for router in routes if isinstance(routes, list | tuple) else [routes]:
-                found = _apply_router(router, name, args, kwargs, options, task)
-                if found:
-                    return found
-        return str(self.conf.task_default_queue)
+        queue = options.get("queue") or (task.queue if task is not None else None)
+        exchange = options.get("exchange")
+        routing_key = options.get("routing_key")
+        exchange_type = options.get("exchange_type")
+        conf = self.conf
+        if not queue:
+            routes = conf["task_routes"]
+            if routes:
+                for router in routes if isinstance(routes, list | tuple) else [routes]:
+                    found = _lookup_route(router, name, args, kwargs, options, task)
+                    if not found:
+                        continue
+                    if isinstance(found, str):
+                        queue = found
+                    elif isinstance(found, dict):
+                        queue = found.get("queue")
+                        exchange = exchange if exchange is not None else found.get("exchange")
+                        routing_key = routing_key or found.get("routing_key")
+                        exchange_type = exchange_type or found.get("exchange_type")
+                    else:  # a kombu Queue
+                        queue = found
+                    break
+        specs = self._queue_specs()
+        if (exchange is None and routing_key is None and exchange_type is None and not specs
+                and (queue is None or isinstance(queue, str))):
+            return queue or str(conf["task_default_queue"]), None  # the common case
+        from celeriac.brokers.amqp_routing import destination
+
+        return destination(specs, queue, exchange, routing_key, exchange_type,
+                           str(conf["task_default_queue"]), conf.get("task_default_routing_key"))
+
+    def _queue_specs(self) -> dict[str, dict[str, Any]]:
+        """``task_queues`` by name (parsed once per value)."""
+        queues = self.conf["task_queues"]
+        if not queues:
+            return {}
+        cached = self.__dict__.get("_queue_specs_cache")
+        if cached is None or cached[0] is not queues:
+            from celeriac.brokers.amqp_routing import specs_by_name
+
+            cached = self.__dict__["_queue_specs_cache"] = (queues, specs_by_name(queues))
+        specs: dict[str, dict[str, Any]] = cached[1]
+        return specs
+
+    def default_worker_queues(self) -> list[str]:
+        """What a worker consumes without ``-Q``: every ``task_queues`` entry (Celery's rule),
+        or the default queue."""
+        specs = self._queue_specs()
+        return list(specs) if specs else [str(self.conf["task_default_queue"])]
+
+    def worker_queues(self, queues: Sequence[str], hostname: str) -> list[str]:
+        """The queues a worker consumes for ``-Q`` names: a broadcast name becomes the
+        worker's own queue, and ``worker_direct`` adds ``<hostname>.dq2``."""
+        from celeriac.brokers import amqp_routing
+
+        direct = bool(self.conf["worker_direct"])
+        expand = getattr(self.broker, "worker_queues", None)
+        if expand is not None:
+            return list(expand(list(queues), hostname, direct))
+        specs = self._queue_specs()
+        broadcast = [q for q in queues if specs.get(q, {}).get("broadcast")]
+        if broadcast:
+            raise ImproperlyConfigured(
+                f"broadcast queues {broadcast} need a broker with exchanges (RabbitMQ)")
+        return amqp_routing.worker_queues(specs, queues, hostname, direct)
 
     # -- sending -------------------------------------------------------------------------
 
@@ -500,7 +566,7 @@ class Celery:
             if priority is None and conf["task_inherit_parent_priority"]:
                 priority = (parent.properties or {}).get("priority")
         options = {"queue": queue} if queue else {}
-        queue_name = self.route(name, args, kwargs, {**options, **extra}, task)
+        queue_name, xroute = self._route(name, args, kwargs, {**options, **extra}, task)
         callbacks = errbacks = None
         if link is not None or link_error is not None:
             # Imported only when needed: a function-level import costs ~1 us per send.
@@ -526,7 +592,7 @@ class Celery:
             # rpc:// declares this client's reply queue before the first task answering in it
             # (not for a retry or chain step a worker sends on behalf of another client).
             self.backend.on_task_call(task_id, self.oid)
-        self._publish(queue_name, message, eta.timestamp() if eta is not None else None)
+        self._publish(queue_name, message, eta.timestamp() if eta is not None else None, xroute)
         result: AsyncResult[Any] = AsyncResult(task_id, app=self, task_name=name)
         self._add_to_parent(result)
         return result
@@ -585,8 +651,8 @@ class Celery:
 
         Nothing is published if the block raises: a chord never runs with half a header.
         """
-        batches: dict[int, list[tuple[str, Any, float | None]]] = _batch.__dict__.setdefault(
-            "pending", {})
+        batches: dict[int, list[tuple[str, Any, float | None, Any]]] = (
+            _batch.__dict__.setdefault("pending", {}))
         if id(self) in batches:
             yield  # an enclosing block publishes
             return
@@ -595,23 +661,48 @@ class Celery:
             yield
             start = 0
             while start < len(pending):
-                queue, _, not_before = pending[start]
+                queue, _, not_before, xroute = pending[start]
                 stop = start + 1
                 while (stop < len(pending) and stop - start < self._PUBLISH_CHUNK
-                       and pending[stop][0] == queue and pending[stop][2] == not_before):
+                       and pending[stop][0] == queue and pending[stop][2] == not_before
+                       and pending[stop][3] == xroute):
                     stop += 1
-                self.broker.publish(queue, [m for _, m, _ in pending[start:stop]],
-                                    not_before=not_before)
+                chunk = [m for _, m, _, _ in pending[start:stop]]
+                if xroute is None:
+                    self.broker.publish(queue, chunk, not_before=not_before)
+                else:
+                    self._publish_routed(xroute, chunk, not_before)
                 start = stop
         finally:
             del batches[id(self)]
 
-    def _publish(self, queue: str, message: Any, not_before: float | None) -> None:
+    def _publish(self, queue: str, message: Any, not_before: float | None,
+                 xroute: tuple[str, str, str] | None = None) -> None:
         pending = getattr(_batch, "pending", {}).get(id(self))
         if pending is not None:
-            pending.append((queue, message, not_before))
-        else:
+            pending.append((queue, message, not_before, xroute))
+        elif xroute is None:
             self.broker.publish(queue, [message], not_before=not_before)
+        else:
+            self._publish_routed(xroute, [message], not_before)
+
+    def _publish_routed(self, xroute: tuple[str, str, str], messages: list[Any],
+                        not_before: float | None) -> None:
+        """Publish through an exchange; brokers without exchanges get the queues bound to it."""
+        exchange, routing_key, kind = xroute
+        publish = getattr(self.broker, "publish_to_exchange", None)
+        if publish is not None:
+            publish(exchange, routing_key, messages, not_before=not_before, exchange_type=kind)
+            return
+        from celeriac.brokers.amqp_routing import bound_queues
+
+        queues = bound_queues(self._queue_specs(), exchange, routing_key, kind)
+        if not queues:
+            raise ImproperlyConfigured(
+                f"no queue in task_queues is bound to exchange {exchange!r} ({kind}) for "
+                f"routing key {routing_key!r} (broadcast queues need RabbitMQ)")
+        for queue in queues:
+            self.broker.publish(queue, messages, not_before=not_before)
 
     def _send_task_signature(self, name: str, args: list[Any], kwargs: dict[str, Any],
                              options: dict[str, Any]) -> AsyncResult[Any]:
@@ -897,8 +988,9 @@ def _takes_request(task: Task[Any, Any], sig: Signature) -> bool:
     return len(positional) - len(sig.args) > 1
 
 
-def _apply_router(router: Any, name: str, args: Any, kwargs: Any, options: dict[str, Any],
-                  task: Task[Any, Any] | None) -> str | None:
+def _lookup_route(router: Any, name: str, args: Any, kwargs: Any, options: dict[str, Any],
+                  task: Task[Any, Any] | None) -> Any:
+    """What ``router`` says for this task: a queue name, a dict of options, or None."""
     if isinstance(router, str):
         module, _, attr = router.replace(":", ".").rpartition(".")
         router = getattr(import_module(module), attr)
@@ -917,14 +1009,9 @@ def _apply_router(router: Any, name: str, args: Any, kwargs: Any, options: dict[
                     break
     else:
         raise ImproperlyConfigured(f"task_routes: cannot use router {router!r}")
-    if found is None:
-        return None
-    if isinstance(found, str):
-        return found
     if isinstance(found, dict):
-        queue = found.get("queue")
-        return str(queue) if queue else None
-    return None
+        found = dict(found)  # the caller may read it; never change the configured route
+    return found
 
 
 def shared_task(*args: Any, **options: Any) -> Any:

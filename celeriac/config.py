@@ -208,6 +208,7 @@ SETTINGS: dict[str, Setting] = {
     "worker_revoke_expires": Setting(10800.0, _number(minimum=1, none=False)),
     "worker_heartbeat_interval": Setting(2.0, _number(minimum=0.1, none=False)),
     "worker_shutdown_timeout": Setting(None, _number()),
+    "worker_direct": Setting(False, _bool),
 }
 
 # Celery settings we accept without acting on (yet): a config written for Celery loads.
@@ -231,7 +232,7 @@ CELERY_ONLY = frozenset(
     task_publish_retry_policy
     worker_agent worker_autoscaler worker_cancel_long_running_tasks_on_connection_loss
     worker_soft_shutdown_timeout worker_enable_soft_shutdown_on_idle worker_consumer
-    worker_direct worker_deduplicate_successful_tasks worker_enable_remote_control
+    worker_deduplicate_successful_tasks worker_enable_remote_control
     worker_log_color worker_log_datefmt worker_pool_putlocks worker_pool_restarts
     worker_pool_start_method worker_proc_alive_timeout worker_eta_task_limit
     worker_enable_prefetch_count_reduction worker_disable_prefetch worker_redirect_stdouts

@@ -193,6 +193,7 @@ class QueueOptions:
         self.dead_letter_exchange = False
         self.durable = True
         self.per_queue: dict[str, dict[str, Any]] = {}  # from task_queues
+        self.broadcast_expires = 300.0  # s: x-expires of a worker's broadcast queue
 
     def for_queue(self, queue: str) -> tuple[dict[str, Any], bool]:
         spec = self.per_queue.get(queue, {})
@@ -206,6 +207,10 @@ class QueueOptions:
             args.pop("x-max-priority", None)  # quorum queues have no priorities
         if self.dead_letter_exchange:
             args.setdefault("x-dead-letter-exchange", DEAD_LETTER_EXCHANGE)
+        if spec.get("broadcast") and self.broadcast_expires:
+            # Not auto-delete: consumers come and go with every fetch. It goes once no
+            # worker used it for this long (the worker's supervisor keeps it alive).
+            args["x-expires"] = int(self.broadcast_expires * 1000)
         args.update(spec.get("arguments") or {})
         return args, bool(spec.get("durable", self.durable))
 
@@ -247,6 +252,9 @@ class AMQPBroker(Broker):
         self._address = 0
         self._pid = os.getpid()
         self.exchanges: dict[str, tuple[str, str]] = {}  # queue -> (exchange, routing key)
+        self.routing_specs: dict[str, dict[str, Any]] = {}  # task_queues by name
+        self._keep_alive: list[str] = []  # this worker's broadcast queues
+        self._kept_alive = 0.0
 
     def _apply_options(self, opts: dict[str, Any]) -> None:
         qo = self.queue_options
@@ -262,6 +270,8 @@ class AMQPBroker(Broker):
             self.confirm_publish = _opt_bool(opts["confirm_publish"])
         if "dead_letter_exchange" in opts:
             qo.dead_letter_exchange = _opt_bool(opts["dead_letter_exchange"])
+        if opts.get("broadcast_queue_expires") not in (None, ""):
+            qo.broadcast_expires = float(opts["broadcast_queue_expires"])
 
     def configure(self, conf: Any) -> None:
         """Settings from the app (the transport options given to the broker win)."""
@@ -287,9 +297,68 @@ class AMQPBroker(Broker):
             from celeriac.brokers.amqp_routing import queue_specs
 
             for spec in queue_specs(queues):
-                qo.per_queue[spec["name"]] = spec
+                self.routing_specs[spec["name"]] = spec
+                if spec.get("broadcast") and not spec.get("queue"):
+                    continue  # a name for workers' own queues (worker_queues), not a queue
+                name = spec.get("queue") or spec["name"]
+                qo.per_queue[name] = spec
                 if spec.get("exchange") is not None:
-                    self.exchanges[spec["name"]] = (spec["exchange"], spec["routing_key"])
+                    self.exchanges[name] = (spec["exchange"], spec["routing_key"])
+
+    def _learn(self, queue: str) -> None:
+        """How to declare a queue not in task_queues: a worker's ``.dq2`` or broadcast queue."""
+        if queue in self.queue_options.per_queue:
+            return
+        from celeriac.brokers.amqp_routing import spec_for
+
+        spec = spec_for(self.routing_specs, queue)
+        if spec is not None:
+            self.queue_options.per_queue[queue] = spec
+            self.exchanges[queue] = (spec["exchange"], spec["routing_key"])
+
+    def worker_queues(self, queues: Sequence[str], hostname: str, direct: bool) -> list[str]:
+        """The queues a worker named ``hostname`` consumes for ``-Q queues``, declared.
+
+        A broadcast name becomes the worker's own queue bound to the fanout exchange; with
+        ``worker_direct``, ``<hostname>.dq2`` bound to ``C.dq2`` is added (Celery's names).
+        Declared here, before the worker starts consuming, so nothing sent after the worker
+        is up misses them. This process (the supervisor) then keeps the broadcast queues
+        from expiring (``heartbeat``).
+        """
+        from celeriac.brokers.amqp_routing import worker_queues
+
+        names = worker_queues(self.routing_specs, queues, hostname, direct)
+        for name in names:
+            self._learn(name)
+        self._keep_alive = [n for n in names
+                            if self.queue_options.per_queue.get(n, {}).get("broadcast")]
+
+        def action(ch: Channel) -> None:
+            for name in names:
+                ch = self._ensure_queue(ch, name, self._topology)
+                self._ch = ch
+
+        self._retrying(action, "declare the worker's queues")
+        self._kept_alive = time.monotonic()
+        return names
+
+    def heartbeat(self, consumer_ids: Sequence[str]) -> None:
+        """Keep this worker's broadcast queues from expiring while the worker lives."""
+        expires = self.queue_options.broadcast_expires
+        if not self._keep_alive or not expires or (
+                time.monotonic() - self._kept_alive < expires / 6):
+            return
+        self._kept_alive = time.monotonic()
+
+        def action(ch: Channel) -> None:
+            for name in self._keep_alive:
+                args, durable = self.queue_options.for_queue(name)
+                ch.queue_declare(name, durable=durable, arguments=args or None)
+
+        try:
+            self._retrying(action, "keep the broadcast queues")
+        except AMQPError as exc:
+            log.warning("could not redeclare the broadcast queues %s: %s", self._keep_alive, exc)
 
     # -- connections -----------------------------------------------------------------------------
 
@@ -357,6 +426,7 @@ class AMQPBroker(Broker):
         """The queue, as Celery declares it; an existing queue is used as it is."""
         if queue in topology.queues:
             return
+        self._learn(queue)
         args, durable = self.queue_options.for_queue(queue)
         exchange, routing_key = self.exchanges.get(queue, (queue, queue))
         frames = [ch.f_queue_declare(queue, durable=durable, arguments=args or None)]
@@ -446,6 +516,85 @@ class AMQPBroker(Broker):
             ch.publish_confirmed(frames, len(frames))
 
         self._retrying(action, f"publish to exchange {exchange!r}")
+
+    def publish_to_exchange(self, exchange: str, routing_key: str, messages: Sequence[Message],
+                            *, not_before: float | None = None,
+                            exchange_type: str | None = None) -> None:
+        """Publish through ``exchange`` with ``routing_key`` (task_routes, broadcast, C.dq2).
+
+        The exchange and the ``task_queues`` queues it routes this key to are declared first
+        (once per connection). A direct or topic publish that reaches no queue raises
+        ``Unroutable``; a fanout (broadcast) one reaching no worker is dropped, as in Celery.
+        A delayed message carries its due time: the consumer of each queue it reaches
+        moves it to that queue's delay tiers.
+        """
+        if not messages:
+            return
+        from celeriac.brokers.amqp_routing import exchange_kind
+
+        kind = exchange_kind(self.routing_specs, exchange, exchange_type)
+        mandatory = kind != "fanout"
+
+        def frames_for(ch: Channel) -> list[bytes]:
+            delayed = not_before is not None and not_before - time.time() > EARLY_SLACK
+            out = []
+            for message in messages:
+                headers: dict[str, Any] = {}
+                if delayed:
+                    assert not_before is not None
+                    headers[H_DUE] = float(not_before)
+                props, body = to_wire(message, headers)
+                if delayed and props.get("expiration") is not None:
+                    props["headers"][H_EXPIRATION] = props.pop("expiration")
+                out.append(ch.f_publish(exchange, routing_key, body, props,
+                                        mandatory and ch.confirming))
+            return out
+
+        def action(ch: Channel) -> None:
+            for attempt in (0, 1):
+                ch = self._declare_route(ch, exchange, routing_key, kind, self._topology)
+                if not self.confirm_publish:
+                    fast = self._fast
+                    if fast is None or not fast.is_open or fast.conn is not ch.conn:
+                        fast = self._fast = ch.conn.channel()
+                    fast.conn.send(b"".join(frames_for(fast)))
+                    return
+                try:
+                    frames = frames_for(ch)
+                    ch.publish_confirmed(frames, len(frames))
+                    return
+                except wire.Unroutable as exc:
+                    # Declared queues deleted behind our back? Declare again, once.
+                    self._topology = Topology()
+                    if attempt:
+                        raise wire.Unroutable(
+                            exc.code, f"no queue is bound to exchange {exchange!r} ({kind}) "
+                            f"for routing key {routing_key!r}: check task_queues/task_routes",
+                            exchange, routing_key) from exc
+
+        self._retrying(action, f"publish to exchange {exchange!r}")
+
+    def _declare_route(self, ch: Channel, exchange: str, routing_key: str, kind: str,
+                       topology: Topology) -> Channel:
+        """Declare ``exchange`` and the configured queues this key reaches through it."""
+        from celeriac.brokers.amqp_routing import bound_queues
+
+        if exchange and exchange not in topology.exchanges:
+            try:
+                ch.exchange_declare(exchange, kind, durable=True)
+            except ChannelClosed as exc:
+                if exc.code != wire.PRECONDITION_FAILED:
+                    raise
+                # It exists with other settings (declared by someone else): use it as it is.
+                log.info("exchange %r exists with other settings (%s); using it as it is",
+                         exchange, exc.text)
+                ch = _reopen(ch)
+                self._ch = ch
+            topology.exchanges.add(exchange)
+        for queue in bound_queues(self.routing_specs, exchange, routing_key, kind):
+            ch = self._ensure_queue(ch, queue, topology)
+            self._ch = ch
+        return ch
 
     # -- consuming -------------------------------------------------------------------------------
 

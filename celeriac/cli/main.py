@@ -79,7 +79,8 @@ def check_loglevel(level: str) -> str:
 @cli.command()
 @click.option("-c", "--concurrency", type=click.IntRange(min=1),
               help="Child processes (threads with --pool threads). Default: CPU count.")
-@click.option("-Q", "--queues", help="Comma-separated queues to consume (default: celery).")
+@click.option("-Q", "--queues", help="Comma-separated queues to consume (default: every "
+              "task_queues entry, or the default queue).")
 @click.option("-n", "--hostname", help="Node name, e.g. w1@%h.")
 @click.option("-l", "--loglevel", default="WARNING", show_default=True,
               help="DEBUG, INFO, WARNING, ERROR or CRITICAL.")

@@ -62,7 +62,7 @@ class WorkerOptions:
     @classmethod
     def from_app(cls, app: Celery, **overrides: Any) -> WorkerOptions:
         conf = app.conf
-        queues = overrides.pop("queues", None) or [conf.task_default_queue]
+        queues = overrides.pop("queues", None) or app.default_worker_queues()
         if isinstance(queues, str):
             queues = [q.strip() for q in queues.split(",") if q.strip()]
         hostname = overrides.pop("hostname", None) or f"celeriac@{socket.gethostname()}"
@@ -124,6 +124,8 @@ class Supervisor:
         self.app.finalize()
         # Import-time connection work happens once here, not in every child.
         _ = self.app.accept_content
+        # Broadcast names become this worker's own queues; worker_direct adds <hostname>.dq2.
+        opts.queues = self.app.worker_queues(opts.queues, opts.hostname)
         log.info("celeriac worker %s: pool=%s concurrency=%s queues=%s broker=%s",
                  opts.hostname, opts.pool, opts.concurrency, ",".join(opts.queues),
                  _safe_url(self.app.broker_url))
