@@ -52,18 +52,45 @@ def _temp_dir() -> str:
 def channel_dir(db_path: str, topic: str) -> str:
     digest = _sha1(os.path.realpath(db_path).encode()).hexdigest()[:16]
     # Socket paths are limited to ~108 bytes, so they live under the temp dir, not beside the db.
-    path = os.path.join(_temp_dir(), f"celeriac-{digest}", topic)
-    os.makedirs(path, exist_ok=True)
-    return path
+    # Created by the first listener, removed by the last (Listener.close).
+    return os.path.join(_temp_dir(), f"celeriac-{digest}", topic)
+
+
+def _remove_socket(path: str) -> None:
+    """Unlink a listener's socket; the last one leaves no empty directories behind.
+
+    rmdir fails while another listener's socket is there, which is what we want; a listener
+    binding just as its directory goes re-creates it (Listener.__init__).
+    """
+    try:
+        os.unlink(path)
+        directory = os.path.dirname(path)
+        os.rmdir(directory)
+        os.rmdir(os.path.dirname(directory))
+    except OSError:
+        pass
 
 
 class Listener:
     """A socket that receives wake-ups for one topic."""
 
     def __init__(self, directory: str) -> None:
+        self.directory = directory
         self.path = os.path.join(directory, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
+        for attempt in range(100):
+            try:
+                self.sock.bind(self.path)
+                break
+            except FileNotFoundError:
+                # First listener, or the last one is removing the empty directories right
+                # now (_remove_socket): make them (again) and retry.
+                if attempt == 99:
+                    raise
+                try:
+                    os.makedirs(directory, exist_ok=True)
+                except FileNotFoundError:
+                    pass
         self.sock.setblocking(False)
         # poll, not select: select fails on descriptors past FD_SETSIZE (1024), which a
         # busy process reaches, and a failing wait would turn its fetch loop into a spin.
@@ -99,10 +126,7 @@ class Listener:
         try:
             self.sock.close()
         finally:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            _remove_socket(self.path)
 
 
 class Notifier:
@@ -120,15 +144,19 @@ class Notifier:
     def _refresh(self) -> None:
         try:
             mtime = os.stat(self.directory).st_mtime_ns
-        except FileNotFoundError:
-            os.makedirs(self.directory, exist_ok=True)
-            mtime = os.stat(self.directory).st_mtime_ns
+        except FileNotFoundError:  # no listener yet (or any more): nobody to wake
+            self._targets, self._mtime_ns, self._racy = [], -1, True
+            return
         if mtime != self._mtime_ns or self._racy:
             # A listener bound just after the last listing, within the same mtime tick,
             # leaves the mtime unchanged: re-list until the listing is safely newer.
             self._racy = time.time_ns() - mtime < _RACY_NS
             self._mtime_ns = mtime
-            self._targets = [os.path.join(self.directory, n) for n in os.listdir(self.directory)]
+            try:
+                names = os.listdir(self.directory)
+            except FileNotFoundError:  # removed by its last listener: nobody to wake
+                names = []
+            self._targets = [os.path.join(self.directory, n) for n in names]
 
     def notify(self) -> None:
         with self._lock:
@@ -141,10 +169,7 @@ class Notifier:
                 except OSError as exc:
                     if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
                         # The listener's process died without unlinking its socket.
-                        try:
-                            os.unlink(target)
-                        except OSError:
-                            pass
+                        _remove_socket(target)
 
     def close(self) -> None:
         self._sock.close()
