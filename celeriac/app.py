@@ -233,7 +233,8 @@ class Celery:
         options.pop("shared", None)
         options.pop("lazy", None)
         task = make_task_class(self, fun, base, name, bind, options)
-        existing = self.tasks.get(task.name)
+        # The plain dict lookup: defining a task must not finalize the app (reading config).
+        existing = dict.get(self.tasks, task.name)
         if existing is not None and getattr(existing, "__wrapped__", None) is fun:
             return existing
         self.tasks.register(task)
@@ -258,6 +259,10 @@ class Celery:
         """Bind shared tasks and import ``include``/``imports`` modules (idempotent)."""
         if self._finalized:
             return
+        if auto and not self.autofinalize:
+            # Celery's contract: with autofinalize=False, using the registry before an
+            # explicit finalize() is a bug in the program, not something to paper over.
+            raise RuntimeError("Contract breach: app not finalized (autofinalize=False)")
         self._finalized = True
         from celeriac.builtins import register_builtins
 

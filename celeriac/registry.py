@@ -29,8 +29,8 @@ class TaskRegistry(dict[str, "Task[Any, Any]"]):
             raise NotRegistered(name) from None
 
     def _ensure(self) -> None:
-        if self.app.autofinalize:
-            self.app.finalize(auto=True)
+        if not self.app._finalized:
+            self.app.finalize(auto=True)  # raises with autofinalize=False, as in Celery
 
     def __getitem__(self, key: str) -> Task[Any, Any]:
         if not super().__contains__(key):

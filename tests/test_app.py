@@ -299,3 +299,19 @@ def test_task_cls_sets_the_default_base() -> None:
     assert isinstance(t, Base) and t.custom_attr == "from-base"
     app2 = Celery("cls2", broker=mem(), task_cls="celeriac.task:Task", set_as_current=False)
     assert app2.task_cls is Task
+
+
+def test_autofinalize_false_requires_an_explicit_finalize() -> None:
+    app = Celery("strict", broker=mem(), autofinalize=False, set_as_current=False)
+
+    @app.task(name="strict.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    # Looking past what was defined (here a built-in task that finalize adds) needs finalize.
+    with pytest.raises(RuntimeError, match="not finalized"):
+        app.tasks["celery.chord_unlock"]
+    app.finalize()
+    assert app.tasks["strict.add"] is add
+    assert "celery.chord_unlock" in app.tasks
+    assert add.apply((2, 3)).get() == 5
