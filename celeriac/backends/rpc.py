@@ -205,9 +205,9 @@ class RPCBackend(ResultBackend):
         with self._cond:
             self._results[task_id] = (meta, float(expires) if expires is not None else None)
 
-    def _sync(self, timeout: float = 0.0) -> None:
-        """Read what has arrived; with a round trip per reply queue, so nothing in flight is
-        missed; then wait up to ``timeout`` for more."""
+    def _sync(self, timeout: float = 0.0, barrier: bool = True) -> None:
+        """Read what has arrived; with ``barrier``, a round trip per reply queue, so nothing
+        in flight is missed; then wait up to ``timeout`` for more."""
         with self._cond:
             while self._pumping:
                 # Another thread reads: its results are ours too.
@@ -220,7 +220,9 @@ class RPCBackend(ResultBackend):
             with self._sub.lock:
                 try:
                     ch = self._consume(self._queues[0] if self._queues else self.oid)
-                    if timeout <= 0:
+                    if timeout <= 0 and not barrier:
+                        ch.conn.pump(0)
+                    elif timeout <= 0:
                         frames = b"".join(ch.f_queue_declare(q, passive=True)
                                           for q in self._queues)
                         ch.conn.send(frames)
@@ -346,7 +348,9 @@ class RPCBackend(ResultBackend):
              interval: float = 1.0) -> Iterator[TaskMeta]:
         pending = list(dict.fromkeys(task_ids))
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._sync()
+        # No round trip: waiting reads the reply queue until the results are in, and one
+        # stored already is on its way to us (we consume the queue since the call).
+        self._sync(barrier=False)
         while True:
             ready = []
             with self._cond:

@@ -95,11 +95,35 @@ BROADCAST_PREFIX = "celeriac.broadcast."
 MIN_TIER, MAX_TIER = 5, 32  # 32 ms .. 49.7 days per hop
 HOLD_WINDOW = 0.2  # due this soon: the consumer keeps it rather than another hop
 EARLY_SLACK = 0.0005
+# Read-ahead (queues without priorities): a consumer whose recent tasks were short asks
+# RabbitMQ for up to this many seconds' worth of them beyond what fetch() was asked for
+# (at most READ_AHEAD_MAX messages), so a round trip is paid per batch of short tasks, not
+# per few. A long task makes it stop at once: the estimate is per task handed out.
+READ_AHEAD_SECONDS = 0.01
+READ_AHEAD_MAX = 256
+# Revocations: a poll without a round trip is enough when every delivery this process
+# handed out was received before a barrier through the subscriber's queue that is younger
+# than this (seconds). Otherwise a poll makes its own round trip.
+REVOKE_FRESH = 0.02
 
 DEFAULT_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2,
                         "interval_max": 0.2}
 
 _CONSUMERS: weakref.WeakValueDictionary[str, AMQPConsumer] = weakref.WeakValueDictionary()
+_REVOKE_SUBSCRIBERS: weakref.WeakSet[AMQPSubscriber] = weakref.WeakSet()
+_last_receipt: list[tuple[int, float]] = [(0, 0.0)]  # (pid, monotonic): deliveries came in
+
+
+
+
+
+
+def _received() -> None:
+    """A consumer of this process received deliveries: start the revocation barriers now
+    (their replies are read by the next poll), so a poll rarely waits a full round trip."""
+    _last_receipt[0] = (os.getpid(), time.monotonic())
+    for sub in list(_REVOKE_SUBSCRIBERS):
+        sub.kick()
 
 
 def tier_name(queue: str, k: int) -> str:
@@ -942,6 +966,10 @@ class AMQPConsumer(Consumer):
         self._closed = False
         self._backoff = 0.0
         self._tag_prefix = f"celeriac.{uuid.uuid4().hex[:10]}"
+        self._tags: dict[str, str] = {}  # consumer tag -> queue (this round and the last)
+        self._per_task: float | None = None  # seconds per delivery handed out (moving avg)
+        self._handed: tuple[float, int] | None = None  # (when, how many) the last fetch gave
+        self._read_ahead_ok: bool | None = None  # no priority queues among ours
         _CONSUMERS[consumer_id] = self
 
     # -- connection ------------------------------------------------------------------------------
@@ -977,8 +1005,22 @@ class AMQPConsumer(Consumer):
     # -- fetching --------------------------------------------------------------------------------
 
     def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
-        deadline = time.monotonic() + max(0.0, timeout)
+        now = time.monotonic()
+        deadline = now + max(0.0, timeout)
+        if self._handed is not None:
+            when, count = self._handed
+            sample = (now - when) / count
+            avg = self._per_task
+            self._per_task = sample if avg is None or sample > 4 * avg else 0.7 * avg + 0.3 * sample
+            self._handed = None
+        out = self._fetch(max_count, deadline)
+        if out:
+            self._handed = (time.monotonic(), len(out))
+        return out
+
+    def _fetch(self, max_count: int, deadline: float) -> list[Delivery]:
         while True:
+            self._absorb_stragglers()
             out = self._take(max_count)
             if out or max_count <= 0:
                 if max_count <= 0:
@@ -1036,6 +1078,33 @@ class AMQPConsumer(Consumer):
             except BlockingIOError:
                 return woken
 
+    def _absorb_stragglers(self) -> None:
+        """Deliveries that came in after a fetch returned (sent before its cancel arrived)."""
+        ch = self._ch
+        if ch is None or not ch.deliveries:
+            return
+        got = list(ch.deliveries)
+        ch.deliveries.clear()
+        try:
+            self._absorb(got, self._tags, ch)
+        except (ConnectionLost, ChannelClosed, TimeoutError) as exc:
+            log.warning("consumer %s: %s", self.consumer_id, exc)
+            self._lost()
+
+    def _read_ahead(self, max_count: int) -> int:
+        """How many more than ``max_count`` to ask for (short tasks, no priorities)."""
+        per_task = self._per_task
+        if per_task is None or max_count <= 0:
+            return 0
+        if self._read_ahead_ok is None:
+            qo = self.broker.queue_options
+            self._read_ahead_ok = not any(
+                qo.for_queue(q)[0].get("x-max-priority") for q in self.queues)
+        if not self._read_ahead_ok:
+            return 0
+        want = min(READ_AHEAD_MAX, int(READ_AHEAD_SECONDS / max(per_task, 1e-6)))
+        return max(0, want - max_count)
+
     def _take(self, max_count: int) -> list[Delivery]:
         with self._lock:
             if self._waiting:
@@ -1051,7 +1120,11 @@ class AMQPConsumer(Consumer):
             return out
 
     def _round_trip(self, max_count: int, deadline: float) -> bool:
-        """Consume until deliveries arrive (or the deadline); False if none came."""
+        """Consume until deliveries arrive (or the deadline); False if none came.
+
+        The cancel is sent without waiting for its reply: deliveries already on their way
+        arrive later and are taken by the next fetch (``_absorb_stragglers``).
+        """
         ch = self._channel()
         conn = ch.conn
         self._backoff = 0.0
@@ -1061,35 +1134,49 @@ class AMQPConsumer(Consumer):
         frames = []
         # Messages kept here until due (a few ms) hold credit too: ask for that much more.
         holding = len(self._waiting)
-        credit = min(65535, max_count + holding)
+        target = max_count + self._read_ahead(max_count)
+        credit = target + holding
+        if credit > max_count + holding:
+            credit = 1 << (credit - 1).bit_length()  # fewer qos changes
+        credit = min(65535, credit)
         qos_changed = self._qos != credit
         if qos_changed:
+            # Applies to the consumes after it (in order on the channel): no need to wait.
+            ch.drop_replies(wire.BASIC_QOS_OK)
             frames.append(ch.f_qos(credit))
+            self._qos = credit
         tags: dict[str, str] = {}
         for i, queue in enumerate(order):
             tag = f"{self._tag_prefix}.{self._round}.{i}"
             tags[tag] = queue
             frames.append(ch.f_consume(queue, tag, nowait=True))
-        got: list[Incoming] = []
+        # Tags of earlier rounds stay known a while: their stragglers may still come in.
+        if len(self._tags) > 64 * len(order):
+            self._tags = dict(list(self._tags.items())[-32 * len(order):])
+        self._tags.update(tags)
+        got: list[Incoming] = list(ch.deliveries)
+        ch.deliveries.clear()
         ch.on_delivery = got.append
         try:
             conn.send(b"".join(frames))
-            if qos_changed:
-                self._qos = credit
-                ch._expect([wire.BASIC_QOS_OK])
             useful = 0
+            kicked = False
             while True:
-                useful += self._absorb(got, tags, ch)
-                got.clear()
-                if useful >= max_count or self._ready_count() >= max_count:
-                    # Full: no reply needed (a single queue can send no more anyway).
-                    conn.send(b"".join(ch.f_cancel(t, nowait=True) for t in tags))
-                    return True
+                if got:
+                    if not kicked:
+                        # Deliveries came in: the revocation barrier goes out first.
+                        _received()
+                        kicked = True
+                    useful += self._absorb(got, self._tags, ch)
+                    got.clear()
+                if useful >= target or self._ready_count() >= target:
+                    break
                 now = time.monotonic()
                 due = self._next_due()
-                if (useful or now >= deadline or (due is not None and due <= time.time())
-                        or len(self._waiting) > holding):
-                    # (A message kept until due took credit: a new round asks for more.)
+                if useful or now >= deadline or (due is not None and due <= time.time()):
+                    break
+                if len(self._waiting) > holding:
+                    # A message kept until due took credit: a new round asks for more.
                     break
                 left = deadline - now
                 if due is not None:
@@ -1099,15 +1186,12 @@ class AMQPConsumer(Consumer):
                     ch.check()
                 if _readable(self._wake_r):
                     break
-            # Cancel with replies: a barrier, so what was already on its way is in.
-            conn.send(b"".join(ch.f_cancel(t) for t in tags))
-            for _ in tags:
-                ch._expect([wire.BASIC_CANCEL_OK])
-            self._absorb(got, tags, ch)
-            got.clear()
+            conn.send(b"".join(ch.f_cancel(t, nowait=True) for t in tags))
             return bool(useful) or bool(self._ready)
         finally:
             ch.on_delivery = None
+            if got:
+                ch.deliveries.extend(got)
 
     def _ready_count(self) -> int:
         return len(self._ready)
@@ -1291,6 +1375,7 @@ class AMQPConsumer(Consumer):
 
     def recover(self, running_tag: str | None, requeue_running: bool) -> int:
         """Settle everything this (same-process) consumer holds, as if it had died."""
+        self._absorb_stragglers()
         with self._lock:
             held = [h for h in self._held.values() if h.gen == self._gen and not h.acked]
             held += [h for h in self._ready if h.gen == self._gen]
@@ -1315,7 +1400,11 @@ class AMQPConsumer(Consumer):
             self.recover(None, True)
             ch = self._ch
             if ch is not None and ch.is_open:
+                ch.drop_replies(wire.BASIC_QOS_OK)  # (replies to qos changes not waited for)
                 ch.qos(0)  # a round trip: our acks are through before the goodbye
+                if ch.deliveries:  # the last stragglers: they go back uncounted too
+                    self.recover(None, True)
+                    ch.qos(0)
         except (AMQPError, TimeoutError) as exc:
             log.warning("consumer %s: closing: %s", self.consumer_id, exc)
         finally:
@@ -1368,6 +1457,9 @@ class AMQPSubscriber(Subscriber):
         self._pending: list[tuple[float, str, bytes]] = []  # (expires, bid, body)
         self._seen: dict[str, float] = {}  # bid -> expires
         self._retry_at = 0.0
+        self._sync_lock = threading.Lock()
+        self._kicked: float | None = None  # a barrier sent (monotonic), reply not read yet
+        self._synced = 0.0  # when the last barrier whose reply came in was sent
         try:
             self._setup()
         except (ConnectionLost, ChannelClosed, TimeoutError) as exc:
@@ -1416,6 +1508,9 @@ class AMQPSubscriber(Subscriber):
         ch.on_delivery = None
         ch.consume(self._queue, f"live.{marker}", no_ack=True)
         self._conn, self._ch = conn, ch
+        self._kicked = None
+        if self.channel == REVOKE_CHANNEL:
+            _REVOKE_SUBSCRIBERS.add(self)
 
     def _keep(self, headers: dict[str, Any], body: bytes) -> None:
         bid = str(headers.get(H_BID))
@@ -1425,7 +1520,50 @@ class AMQPSubscriber(Subscriber):
         self._seen[bid] = expires
         self._pending.append((expires, bid, body))
 
+    def kick(self) -> None:
+        """Send a barrier now, without waiting for its reply (the next poll reads it).
+
+        Called by this process's consumers right after deliveries came in: the barrier
+        then covers every revocation confirmed before those tasks were received.
+        """
+        if not self._sync_lock.acquire(blocking=False):
+            return  # a poll is under way in another thread
+        try:
+            ch = self._ch
+            if self._kicked is not None or ch is None or not ch.is_open or ch.conn.closed:
+                return
+            self._kicked = time.monotonic()
+            ch.conn.send(ch.f_queue_declare(self._queue, passive=True))
+        except AMQPError:
+            self._kicked = None
+            self._ch = None  # poll() reconnects
+        finally:
+            self._sync_lock.release()
+
     def poll(self) -> list[dict[str, Any]]:
+        with self._sync_lock:
+            return self._poll()
+
+    def _barrier(self, ch: Channel) -> None:
+        """A round trip through our queue: whatever it had is delivered before the reply.
+
+        Revocations in a worker process: a barrier sent after the last deliveries of this
+        process came in, less than REVOKE_FRESH ago, is enough (no new round trip).
+        """
+        kicked, self._kicked = self._kicked, None
+        if kicked is not None:
+            ch._expect([wire.QUEUE_DECLARE_OK])
+            self._synced = kicked
+        pid, receipt = _last_receipt[0]
+        now = time.monotonic()
+        if (self.channel == REVOKE_CHANNEL and pid == os.getpid()
+                and receipt <= self._synced and now - self._synced < REVOKE_FRESH):
+            ch.conn.pump(0)  # (whatever came in meanwhile)
+            return
+        ch.queue_declare(self._queue, passive=True)
+        self._synced = now
+
+    def _poll(self) -> list[dict[str, Any]]:
         ch = self._ch
         try:
             if ch is None or not ch.is_open or ch.conn.closed:
@@ -1435,8 +1573,7 @@ class AMQPSubscriber(Subscriber):
                 self._reconnect()
                 ch = self._ch
             assert ch is not None
-            # A round trip through our queue: whatever it had is delivered before the reply.
-            ch.queue_declare(self._queue, passive=True)
+            self._barrier(ch)
         except (ConnectionLost, ChannelClosed, TimeoutError) as exc:
             log.warning("broadcast subscriber %r: %s; reconnecting", self.channel, exc)
             self._ch = None
@@ -1464,6 +1601,7 @@ class AMQPSubscriber(Subscriber):
     def _reconnect(self) -> None:
         if self._conn is not None:
             self._conn.abort()
+        self._kicked = None
         self._setup()
 
     def close(self) -> None:
