@@ -356,6 +356,72 @@ class Task(Generic[P, R]):
             raise ret
         return ret
 
+    def replace(self, sig: Any) -> Any:
+        """End this run and let ``sig`` take its place, under this task's id.
+
+        The caller's ``AsyncResult`` for this task gets ``sig``'s result; this task's
+        callbacks, errbacks, the rest of its chain and its group/chord membership move to
+        ``sig``. In a worker this raises ``Ignore`` (write ``return self.replace(...)``);
+        run eagerly it returns ``sig``'s result.
+        """
+        from celeriac.canvas import _set_membership, chain, group, maybe_signature
+        from celeriac.exceptions import ImproperlyConfigured
+
+        request = self.request
+        sig = maybe_signature(sig, self.app, clone=True)
+        if sig.options.get("chord"):
+            raise ImproperlyConfigured("A signature replacing a task must not be part of a chord")
+        if isinstance(sig, chain) and not sig.tasks:
+            raise ImproperlyConfigured("Cannot replace with an empty chain")
+        # A group's result is a list: gather it into one task that can carry this id.
+        accumulate = self.app.tasks["celery.accumulate"].s(index=0)
+        if isinstance(sig, group):
+            sig = chain(sig, accumulate, app=self.app)
+        elif isinstance(sig, chain) and isinstance(sig.tasks[-1], group):
+            sig = chain(*sig.tasks, accumulate, app=self.app, **sig.options)
+        finisher = sig.tasks[-1] if isinstance(sig, chain) else sig
+        for key in ("link", "link_error"):
+            if isinstance(sig, chain) and sig.options.get(key):
+                for link in sig._list_option(key):
+                    finisher._list_option(key).append(link)
+                sig.options.pop(key)
+        for callback in request.callbacks or ():
+            finisher.link(maybe_signature(callback, self.app))
+        for errback in request.errbacks or ():
+            finisher.link_error(maybe_signature(errback, self.app))
+        sig.freeze(request.id, root_id=request.root_id, parent_id=request.parent_id)
+        membership = {k: v for k, v in (("group_id", request.group),
+                                        ("group_index", request.group_index),
+                                        ("chord", request.chord)) if v is not None}
+        if membership:
+            sig = _set_membership(sig, membership)
+        if request.chain:  # the steps after this one (stored last first) follow ``sig``
+            rest = [maybe_signature(step, self.app) for step in reversed(request.chain)]
+            sig = chain(sig, *rest, app=self.app)
+        return self.on_replace(sig)
+
+    def on_replace(self, sig: Any) -> Any:
+        """Send (or, eagerly, run) the replacement; override to customise, calling super."""
+        if self.request.is_eager:
+            return sig.apply().get()
+        sig.apply_async()
+        from celeriac.exceptions import Ignore
+
+        raise Ignore("Replaced by new task")
+
+    def add_to_chord(self, sig: Any, lazy: bool = False) -> Any:
+        """Add ``sig`` to the chord this task belongs to; the body waits for it too."""
+        from celeriac.canvas import maybe_signature
+
+        request = self.request
+        if not request.chord or not request.group:
+            raise ValueError("Current task is not member of any chord")
+        sig = maybe_signature(sig, self.app, clone=True)
+        sig.set(group_id=request.group, chord=request.chord, root_id=request.root_id)
+        sig.freeze()
+        self.app.backend.chord_add(request.group, 1)
+        return sig if lazy else sig.apply_async()
+
 
 def task_name_for(module: str, name: str, main: str | None) -> str:
     if module == "__main__" and main:

@@ -451,6 +451,31 @@ def test_chord_unlock_from_a_celery_client(runner: str) -> None:
         fbody.get(timeout=WAIT)
 
 
+def test_task_replace(runner: str) -> None:
+    """The caller's result is the replacement's; links, chain and chord move with it."""
+    assert t.replaced_by.delay(1).get(timeout=WAIT) == 101
+    assert t.replaced_by.delay(2, kind="chain").get(timeout=WAIT) == 30
+    assert t.replaced_by.delay(3, kind="group").get(timeout=WAIT) == [4, 5]
+    # The rest of the chain runs after the replacement, with its result.
+    steps = chain(t.add.s(1, 1), t.replaced_by.s(kind="chain"), t.add.s(5)).delay()
+    assert steps.get(timeout=WAIT) == 35
+    # A callback of the replaced task is called with the replacement's result.
+    probe = str(uuid.uuid4())
+    t.replaced_by.apply_async((1,), link=t.identity.s().set(task_id=probe))
+    assert AsyncResult(probe, app=t.app).get(timeout=WAIT) == 101
+    # A chord waits for the replacement of a header member, in the member's place.
+    body = chord([t.replaced_by.s(1), t.replaced_by.s(3, kind="group"), t.add.s(1, 1)],
+                 t.identity.s()).delay()
+    assert body.get(timeout=WAIT) == [101, [4, 5], 2]
+    # Run eagerly, replace returns the replacement's result.
+    assert t.replaced_by.apply((2,), {"kind": "chain"}).get() == 30
+
+
+def test_add_to_chord(runner: str) -> None:
+    body = chord([t.grows_chord.s(1), t.add.s(2, 2)], t.identity.s()).delay()
+    assert body.get(timeout=WAIT) == [1, 4, 1000]
+
+
 def test_workflows_keep_protocol_ids(runner: str) -> None:
     """Each chain step knows its root and parent; chord bodies their group."""
     result = chain(t.whoami.s(), t.whoami.s(), t.whoami.s()).delay()

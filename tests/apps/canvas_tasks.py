@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celeriac import Celery, Task, group, states
+from celeriac import Celery, Task, chain, group, states
 
 app = Celery("tests.apps.canvas_tasks")
 
@@ -89,3 +89,22 @@ def on_error_full(request: Any, exc: BaseException, traceback: Any, probe: str) 
 def spawn(n: int) -> str:
     """Sends a group from inside a task: it becomes this task's child (Celery's trail)."""
     return str(group(add.s(i, i) for i in range(n)).delay().id)
+
+
+@app.task(bind=True)
+def replaced_by(self: Task[Any, Any], value: int, kind: str = "task") -> Any:
+    """Replaces itself with a task, a chain or a group built from ``value``."""
+    if kind == "task":
+        return self.replace(add.s(value, 100))
+    if kind == "chain":
+        return self.replace(chain(add.s(value, 1), mul.s(10)))
+    if kind == "group":
+        return self.replace(group(add.s(value, 1), add.s(value, 2)))
+    raise ValueError(kind)
+
+
+@app.task(bind=True)
+def grows_chord(self: Task[Any, Any], value: int) -> int:
+    """Adds a member to its own chord's header, then returns ``value``."""
+    self.add_to_chord(identity.s(value * 1000))
+    return value
