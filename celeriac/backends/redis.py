@@ -35,7 +35,7 @@ from celeriac.backends.base import (
     TaskMeta,
     Waiter,
 )
-from celeriac.brokers.redis_client import CONNECTION_ERRORS, RedisConnector
+from celeriac.brokers.redis_client import CONNECTION_ERRORS, RedisConnector, check_exec
 from celeriac.exceptions import TimeoutError
 
 log = logging.getLogger("celeriac.redis")
@@ -131,13 +131,17 @@ class RedisBackend(ResultBackend):
         prefix = self.prefix
         px = max(1, int(ttl * 1000)) if ttl else None
 
+        execute = self.connector.execute
+
         def write(client: redis.Redis, chunk: Sequence[tuple[str, str, bytes]]) -> None:
-            pipe = client.pipeline(transaction=True)
+            # MULTI, SET + PUBLISH each, EXEC: in one write on the lane (see RedisConnector).
+            commands: list[tuple[Any, ...]] = [("MULTI",)]
             for key, _status, doc in chunk:
                 name = prefix + key
-                pipe.set(name, doc, px=px)
-                pipe.publish(name, doc)
-            pipe.execute()
+                commands.append(("SET", name, doc, "PX", px) if px else ("SET", name, doc))
+                commands.append(("PUBLISH", name, doc))
+            commands.append(("EXEC",))
+            check_exec(execute(commands)[-1])
 
         for start in range(0, len(items), _CHUNK):
             chunk = items[start:start + _CHUNK]
@@ -149,10 +153,14 @@ class RedisBackend(ResultBackend):
 
     def _fetch(self, keys: Sequence[str]) -> list[bytes | None]:
         out: list[bytes | None] = []
+        execute = self.connector.execute
         for start in range(0, len(keys), _CHUNK):
             names = [self.prefix + k for k in keys[start:start + _CHUNK]]
-            out.extend(self.connector.call(lambda c, names=names: c.mget(names),  # type: ignore[misc]
-                                           attempts=5, what="read results"))
+            # On the lane, like the writes: a read sees this thread's own writes (after a
+            # failover a pooled connection may still read from the demoted master).
+            out.extend(self.connector.call(
+                lambda c, names=names: execute([("MGET", *names)])[0],  # type: ignore[misc]
+                attempts=5, what="read results"))
         return out
 
     def _remove(self, keys: Sequence[str]) -> None:

@@ -56,6 +56,13 @@ class Consumer(ABC):
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Remove the messages for good (one round trip for the batch)."""
 
+    def ack_soon(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack, possibly together with the next call's round trip (``fetch``, ``ack``,
+        ``close``) rather than in one of its own. Until then the messages stay held by this
+        consumer: if it dies first they are given back (and may run again). Default: ack
+        now."""
+        self.ack(deliveries)
+
     @abstractmethod
     def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:
         """Give the messages back (``requeue``: not counted as a delivery) or drop them."""

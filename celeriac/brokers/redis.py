@@ -56,7 +56,7 @@ from celeriac.brokers.base import (
     Subscriber,
     new_consumer_id,
 )
-from celeriac.brokers.redis_client import CONNECTION_ERRORS, RedisConnector
+from celeriac.brokers.redis_client import CONNECTION_ERRORS, RedisConnector, check_exec
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.protocol.message import Message
 
@@ -81,11 +81,17 @@ REGISTER_EVERY = 30.0  # seconds between a consumer's checks that it is register
 FETCH = """
 -- KEYS: inflight, consumers, consumer_info, <nd delayed sets>, <list keys in order>
 -- ARGV: max, tag base, now (client clock), nd, consumer id, consumer info or '' (to make
--- sure the consumer is registered: now and then, and after connection trouble)
+-- sure the consumer is registered: now and then, and after connection trouble), then the
+-- tags to ack first (the previous batch's, in the same round trip)
 local max = tonumber(ARGV[1])
 local tag = tonumber(ARGV[2])
 local now = ARGV[3]
 local nd = tonumber(ARGV[4])
+if #ARGV > 6 then
+  for i = 7, #ARGV, 4000 do
+    redis.call('HDEL', KEYS[1], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+  end
+end
 if ARGV[6] ~= '' then
   local t = redis.call('TIME')
   redis.call('ZADD', KEYS[2], 'NX', t[1] + t[2] / 1000000, ARGV[5])
@@ -465,19 +471,27 @@ class RedisBroker(Broker):
                 # that fetches it early parks it in the delayed set).
                 lists.setdefault(key, []).append(envelope)
 
-        def send(client: redis.Redis) -> None:
-            if len(lists) == 1 and not delayed:
-                # One LPUSH is atomic on its own: no MULTI round trip to pay.
-                [(key, envelopes)] = lists.items()
-                client.lpush(key, *envelopes)
-                return
-            pipe = client.pipeline(transaction=True)
-            for key, envelopes in lists.items():
-                pipe.lpush(key, *envelopes)
+        if len(lists) == 1 and not delayed:
+            # One LPUSH is atomic on its own: no MULTI to pay for.
+            [(key, envelopes)] = lists.items()
+            commands: list[tuple[Any, ...]] = [("LPUSH", key, *envelopes)]
+        else:
+            commands = [("MULTI",)]
+            commands += [("LPUSH", key, *envelopes) for key, envelopes in lists.items()]
             if delayed:
-                pipe.zadd(self.delayed_key(queue), delayed)
-                pipe.publish(self.sched_channel(queue), repr(min(delayed.values())))
-            pipe.execute()
+                zadd: list[Any] = ["ZADD", self.delayed_key(queue)]
+                for member, score in delayed.items():
+                    zadd += [repr(score), member]
+                commands.append(tuple(zadd))
+                commands.append(("PUBLISH", self.sched_channel(queue),
+                                 repr(min(delayed.values()))))
+            commands.append(("EXEC",))
+        execute = self.connector.execute
+
+        def send(client: redis.Redis) -> None:
+            replies = execute(commands)
+            if len(replies) > 1:
+                check_exec(replies[-1])
 
         self._publish_with_retry(send)
 
@@ -680,12 +694,11 @@ class RedisBroker(Broker):
         return int(self._retry_run("purge", PURGE, keys, [], "purge"))
 
     def queue_size(self, queue: str) -> int:
+        commands: list[tuple[Any, ...]] = [("LLEN", key) for key in self.list_keys(queue)]
+        commands.append(("ZCARD", self.delayed_key(queue)))
+
         def size(c: redis.Redis) -> int:
-            pipe = c.pipeline(transaction=False)
-            for key in self.list_keys(queue):
-                pipe.llen(key)
-            pipe.zcard(self.delayed_key(queue))
-            return sum(int(n) for n in pipe.execute())
+            return sum(int(n) for n in self.connector.execute(commands))
 
         return int(self._call(size, "queue size"))
 
@@ -1046,6 +1059,7 @@ class RedisConsumer(Consumer):
         self.inflight = broker.inflight_key(consumer_id)
         self._tag = 0
         self._held: set[str] = set()
+        self._acks: list[str] = []  # acked by ack_soon, not sent yet
         self._suspect = False  # a fetch failed after it may have run: reconcile
         self._rotation = 0
         self._woken = False
@@ -1079,11 +1093,15 @@ class RedisConsumer(Consumer):
         self._tag += max_count  # spent even if the reply is lost, so tags never repeat
         now = time.monotonic()
         register = now >= self._register_at
+        acks = list(self._acks)
         args = [max_count, base, repr(time.time()), len(self.queues), self.consumer_id,
-                self._info if register else ""]
-        reply = self.broker._run("fetch", FETCH, keys, args)
+                self._info if register else "", *acks]
+        reply = self.broker.connector.run_script(FETCH, keys, args)
         if register:
             self._register_at = now + REGISTER_EVERY
+        if acks:
+            self._held.difference_update(acks)
+            del self._acks[:len(acks)]
         if not reply:
             return [], None
         if reply[0] == -1:
@@ -1107,6 +1125,8 @@ class RedisConsumer(Consumer):
     def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
         max_count = min(max_count, _MAX_BATCH)
+        if max_count <= 0 and self._acks:
+            self._ack_tags([], None)  # no fetch script to carry them
         while True:
             due: float | None = None
             if max_count > 0:
@@ -1213,12 +1233,23 @@ class RedisConsumer(Consumer):
     # -- settling ------------------------------------------------------------------------
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        if not deliveries:
+        self._ack_tags([d.tag for d in deliveries], None)
+
+    def _ack_tags(self, tags: list[str], attempts: int | None) -> None:
+        pending = list(self._acks)  # ack_soon's, sent along
+        tags = tags + pending
+        if not tags:
             return
-        tags = [d.tag for d in deliveries]
-        self.broker._call(lambda c: c.hdel(self.inflight, *tags), "ack", attempts=None,
-                          deadline=time.monotonic() + 600)
+        execute = self.broker.connector.execute
+        self.broker._call(lambda c: execute([("HDEL", self.inflight, *tags)]), "ack",
+                          attempts=attempts, deadline=time.monotonic() + 600)
         self._held.difference_update(tags)
+        if pending:
+            del self._acks[:len(pending)]
+
+    def ack_soon(self, deliveries: Sequence[Delivery]) -> None:
+        # Sent with the next fetch (its script deletes them first), or by ack()/close().
+        self._acks.extend(d.tag for d in deliveries)
 
     def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:
         if not deliveries:
@@ -1254,6 +1285,8 @@ class RedisConsumer(Consumer):
             return
         self._closed = True
         try:
+            if self._acks:
+                self._ack_tags([], 10)  # what ack_soon kept must not be given back
             self.broker._give_back(self.consumer_id, None, True, attempts=10)
         except CONNECTION_ERRORS as exc:
             # Still registered: its heartbeat stops, so a live worker gives them back later.

@@ -34,6 +34,7 @@ log = logging.getLogger("celeriac.worker")
 # that takes a while: once the next task of the batch has run this long (seconds), a
 # helper thread stores the results of those already run, so none is held hostage.
 FLUSH_AFTER = 0.02
+FLUSHER_IDLE_AFTER = 1.0  # seconds without a batch before the flusher sleeps until notified
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ChildWorker:
         self._flusher_stop = False
         self._flusher: threading.Thread | None = None
         self._flusher_idle = False  # waiting with no deadline: arming must wake it
+        self._armed_at = 0.0  # monotonic time the flusher was last armed
 
     # -- signals -------------------------------------------------------------------------
 
@@ -169,7 +171,8 @@ class ChildWorker:
             with self._done_lock:
                 self._done.append((delivery, settlement))
             self.tasks_done += 1
-        self._flush(consumer, backend)
+        # Results now; the acks ride with the next fetch (one round trip fewer per batch).
+        self._flush(consumer, backend, soon=True)
 
     def _run_threaded(self, batch: list[Delivery], handler: MessageHandler, consumer: Consumer,
                       pool: ThreadPoolExecutor) -> None:
@@ -199,7 +202,8 @@ class ChildWorker:
         with self._flush_cond:
             if self._flush_at is not None or not self._done:
                 return
-            self._flush_at = time.monotonic() + FLUSH_AFTER
+            self._armed_at = now = time.monotonic()
+            self._flush_at = now + FLUSH_AFTER
             if self._flusher is None:
                 self._flusher = threading.Thread(
                     target=self._run_flusher, args=(consumer, backend),
@@ -221,9 +225,16 @@ class ChildWorker:
                     now = time.monotonic()
                     if due is not None and due <= now:
                         break
-                    self._flusher_idle = due is None
-                    cond.wait(None if due is None else due - now)
-                self._flusher_idle = False
+                    if due is not None:
+                        cond.wait(due - now)
+                    elif now - self._armed_at < FLUSHER_IDLE_AFTER:
+                        # Batches keep coming: look again soon rather than be notified
+                        # per batch (a notify that wakes this thread costs the loop more).
+                        cond.wait(FLUSH_AFTER)
+                    else:
+                        self._flusher_idle = True
+                        cond.wait()
+                        self._flusher_idle = False
                 if self._flusher_stop:
                     return
             try:
@@ -238,13 +249,13 @@ class ChildWorker:
         if self._flusher is not None:
             self._flusher.join()
 
-    def _flush(self, consumer: Consumer, backend: Any) -> None:
+    def _flush(self, consumer: Consumer, backend: Any, soon: bool = False) -> None:
         with self._settle_lock:
             with self._flush_cond:
                 self._flush_at = None
-            self._flush_locked(consumer, backend)
+            self._flush_locked(consumer, backend, soon)
 
-    def _flush_locked(self, consumer: Consumer, backend: Any) -> None:
+    def _flush_locked(self, consumer: Consumer, backend: Any, soon: bool = False) -> None:
         with self._done_lock:
             done, self._done = self._done, []
         if not done:
@@ -267,7 +278,10 @@ class ChildWorker:
         if metas:
             backend.store(metas)
         if acks:
-            consumer.ack(acks)
+            if soon:
+                consumer.ack_soon(acks)
+            else:
+                consumer.ack(acks)
         if requeues:
             consumer.reject(requeues, requeue=True)
 
