@@ -59,6 +59,22 @@ def test_retry_until_success(app: Celery, d: str, start_worker: StartWorker) -> 
     assert lines(d, "attempts") == ["0 PENDING", "1 RETRY", "2 RETRY"]
 
 
+def test_logs_name_task_id_and_outcome(app: Celery, d: str, start_worker: StartWorker) -> None:
+    worker = start_worker(app)  # -l INFO
+    ok = wt.add.delay(2, 3)
+    retried = wt.flaky.delay(d, 1)
+    failed = wt.always_retry_exc.delay(d)
+    assert ok.get(timeout=10) == 5 and retried.get(timeout=10) == 1
+    with pytest.raises(KeyError):
+        failed.get(timeout=10)
+    expected = [f"Task tests.apps.worker_tasks.add[{ok.id}] succeeded in",
+                f"Task tests.apps.worker_tasks.flaky[{retried.id}] retry:",
+                f"Task tests.apps.worker_tasks.flaky[{retried.id}] succeeded in",
+                f"Task tests.apps.worker_tasks.always_retry_exc[{failed.id}] raised unexpected:"]
+    wait_for(lambda: all(line in worker.log() for line in expected), timeout=10,
+             message="a log line per outcome naming task and id")
+
+
 def test_immediate_retries_on_several_children_end_in_success(
     app: Celery, d: str, start_worker: StartWorker
 ) -> None:

@@ -209,8 +209,8 @@ class MessageHandler:
             outcome = self._send_deferred(req, context, outcome)
         state = outcome.state
         if state == states.SUCCESS:
-            log.debug("Task %s[%s] succeeded in %.6fs: %r", req.name, req.id, outcome.runtime,
-                      outcome.retval)
+            log.info("Task %s[%s] succeeded in %.6fs: %r", req.name, req.id, outcome.runtime,
+                     outcome.retval)
         elif state == states.FAILURE:
             log.error("Task %s[%s] raised unexpected: %r", req.name, req.id, outcome.exc,
                       exc_info=outcome.exc if outcome.traceback else None)
