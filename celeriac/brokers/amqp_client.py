@@ -194,6 +194,10 @@ def _read_value(buf: bytes, off: int) -> tuple[Any, int]:
         return Decimal(value).scaleb(-scale), off + 5
     if t == 120:  # x: byte array
         return _read_longstr_raw(buf, off)
+    if t == 76:  # L: py-amqp (kombu, Celery) writes 64-bit ints so; signed, as it reads them
+        return _I64.unpack_from(buf, off)[0], off + 8
+    if t == 85:  # U: py-amqp's 16-bit (signed, as it reads it)
+        return _I16.unpack_from(buf, off)[0], off + 2
     raise AMQPError(f"unknown field type {chr(t)!r} in a field table")
 
 
