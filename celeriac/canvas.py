@@ -505,21 +505,22 @@ def _link_all(sig: Signature, key: str, callback: Any) -> None:
         sig._list_option(key).append(_wire(callback))
 
 
-@Signature.register_type()
-class chain(Signature):
-    """Run tasks one after another, each getting the previous result as first argument."""
+class _TaskList(Signature):
+    """What chain and group share: member signatures in ``kwargs["tasks"]``."""
+
+    _kind: ClassVar[str] = ""  # "chain" or "group": task name celery.<kind>, subtask_type
 
     def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
         if len(tasks) == 1 and not isinstance(tasks[0], dict) and isinstance(tasks[0], Iterable):
             tasks = tuple(tasks[0])
-        steps = [maybe_signature(t, app) for t in tasks]
-        super().__init__("celery.chain", (), {"tasks": steps}, options, subtask_type="chain",
-                         app=app)
+        members = [maybe_signature(t, app) for t in tasks]
+        super().__init__(f"celery.{self._kind}", (), {"tasks": members}, options,
+                         subtask_type=self._kind, app=app)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], app: Celery | None = None) -> chain:
+    def from_dict(cls, d: dict[str, Any], app: Celery | None = None) -> Self:
         tasks = (d.get("kwargs") or {}).get("tasks") or ()
-        sig = cls(*[maybe_signature(t, app) for t in tasks], app=app, **(d.get("options") or {}))
+        sig = cls(*tasks, app=app, **(d.get("options") or {}))
         sig["args"] = list(d.get("args") or ())
         sig["immutable"] = bool(d.get("immutable", False))
         return sig
@@ -537,6 +538,13 @@ class chain(Signature):
 
     def _clone_kwargs(self) -> dict[str, Any]:
         return {**self["kwargs"], "tasks": [t.clone() for t in self.tasks]}
+
+
+@Signature.register_type()
+class chain(_TaskList):
+    """Run tasks one after another, each getting the previous result as first argument."""
+
+    _kind = "chain"
 
     def __or__(self, other: Any) -> Any:
         if isinstance(other, chain):
@@ -661,37 +669,10 @@ class chain(Signature):
 
 
 @Signature.register_type()
-class group(Signature):
+class group(_TaskList):
     """Run tasks in parallel; the result is a GroupResult."""
 
-    def __init__(self, *tasks: Any, app: Celery | None = None, **options: Any) -> None:
-        if len(tasks) == 1 and not isinstance(tasks[0], dict) and isinstance(tasks[0], Iterable):
-            tasks = tuple(tasks[0])
-        sigs = [maybe_signature(t, app) for t in tasks]
-        super().__init__("celery.group", (), {"tasks": sigs}, options, subtask_type="group",
-                         app=app)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], app: Celery | None = None) -> group:
-        tasks = (d.get("kwargs") or {}).get("tasks") or ()
-        sig = cls(*tasks, app=app, **(d.get("options") or {}))
-        sig["args"] = list(d.get("args") or ())
-        sig["immutable"] = bool(d.get("immutable", False))
-        return sig
-
-    @property
-    def tasks(self) -> list[Signature]:
-        return self["kwargs"]["tasks"]
-
-    @tasks.setter
-    def tasks(self, value: list[Signature]) -> None:
-        self["kwargs"]["tasks"] = list(value)
-
-    def _members(self) -> list[Signature]:
-        return self.tasks
-
-    def _clone_kwargs(self) -> dict[str, Any]:
-        return {**self["kwargs"], "tasks": [t.clone() for t in self.tasks]}
+    _kind = "group"
 
     def __repr__(self) -> str:
         return f"group([{', '.join(repr(t) for t in self.tasks)}])"
