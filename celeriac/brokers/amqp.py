@@ -308,12 +308,19 @@ class AMQPBroker(Broker):
         heartbeat = conf.get("broker_heartbeat")
         timeout = conf.get("broker_connection_timeout")
         use_ssl = conf.get("broker_use_ssl")
-        for p in self._params:
+        from urllib.parse import urlsplit
+
+        explicit_ports = [urlsplit(u.strip()).port for u in self.url.split(";") if u.strip()]
+        for i, p in enumerate(self._params):
+            if (use_ssl and p.ssl is None and p.port == 5672 and i < len(explicit_ports)
+                    and explicit_ports[i] is None):
+                p.port = 5671  # TLS without a port in the URL: the TLS port (kombu's rule)
             if heartbeat is not None and "heartbeat" not in opts and "heartbeat=" not in self.url:
                 p.heartbeat = float(heartbeat)
             if timeout is not None and "connect_timeout" not in opts:
                 p.connect_timeout = float(timeout)
-            if use_ssl and p.ssl is None:
+            if use_ssl and (p.ssl is None or not self.ssl_options):
+                # (amqps:// alone made a default context: broker_use_ssl says which CA, cert)
                 p.ssl = wire.make_ssl_context(use_ssl)
                 p.server_hostname = p.host
         queues = conf.get("task_queues")
@@ -362,8 +369,13 @@ class AMQPBroker(Broker):
                 ch = self._ensure_queue(ch, name, self._topology)
                 self._ch = ch
 
-        self._retrying(action, "declare the worker's queues")
-        self._kept_alive = time.monotonic()
+        try:
+            self._retrying(action, "declare the worker's queues")
+            self._kept_alive = time.monotonic()
+        except (AMQPError, TimeoutError) as exc:
+            # RabbitMQ not reachable yet: the consumers declare them when they connect.
+            log.warning("could not declare the queues %s now (%s); the worker's consumers "
+                        "will when they connect", names, exc)
         return names
 
     def heartbeat(self, consumer_ids: Sequence[str]) -> None:

@@ -1,4 +1,4 @@
-"""Tasks and settings for the RabbitMQ routing tests (``tests/test_amqp_routing.py``).
+"""Tasks and settings for the RabbitMQ routing, TLS and restart tests.
 
 A worker reads its routing settings from the environment so one module serves every test:
 ``CELERIAC_TEST_CONF`` is a JSON object of settings (``task_queues`` in dict form, and
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from typing import Any
 
 from celeriac import Celery
@@ -45,6 +46,15 @@ def where(self: Any, path: str, key: str) -> str:
 @app.task
 def add(x: int, y: int) -> int:
     return x + y
+
+
+@app.task(ignore_result=True)
+def mark(path: str, key: str, seconds: float = 0.0) -> None:
+    """Sleeps ``seconds``, then appends ``key`` to ``path`` (runs are counted by the test)."""
+    if seconds:
+        time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write(f"{key}\n")
 
 
 HOST = socket.gethostname()
