@@ -365,11 +365,56 @@ def test_broadcast_reaches_every_worker_once(start_worker: StartWorker, tmp_path
         assert runs == sorted((f"b{i}", h) for i in range(3) for h in ("w1@bc", "w2@bc"))
         # Both workers still take plain tasks from the shared queue.
         assert amqp_routing_app.add.delay(1, 1).get(timeout=30) == 2
+        # A real Celery client with kombu's Broadcast reaches both workers too.
+        capp = _celery_client(url, task_queues=[KombuBroadcast("bc")])
+        try:
+            capp.send_task("tests.apps.amqp_routing_app.where", (str(log), "celery"),
+                           queue="bc")
+        finally:
+            capp.close()
+        wait_for(lambda: len(_lines(log)) >= 8, timeout=30)
+        assert sorted(line[1] for line in _lines(log) if line[0] == "celery") == [
+            "w1@bc", "w2@bc"]
         bindings = rabbitmqctl("list_bindings", "-p", url.rsplit("/", 1)[1], "source_name",
                                "destination_name")
         assert ["bc", "bcast.bc.w1@bc"] in bindings and ["bc", "bcast.bc.w2@bc"] in bindings
     finally:
         app.conf.task_queues = None
+        app.close()
+
+
+def _celery_client(url: str, **conf: Any) -> Any:
+    import celery
+
+    capp = celery.Celery("celery-client", broker=url, backend="rpc://", set_as_current=False)
+    capp.conf.update(conf)
+    return capp
+
+
+def test_broadcast_queue_outlives_a_busy_worker(start_worker: StartWorker,
+                                                tmp_path: Path) -> None:
+    """A broadcast queue expires when unused (x-expires), but not while its worker lives:
+    the supervisor redeclares it while the only child runs a task longer than the expiry."""
+    url = amqp_support.url()
+    log = tmp_path / "runs"
+    conf = {"task_queues": [Broadcast("bc"), "celery"],
+            "broker_transport_options": {"broadcast_queue_expires": 3}}
+    app = bind_app(amqp_routing_app.app, url, result_backend="rpc://", **conf)
+    try:
+        start_worker(app, "-n", "w1@busy", wait=False, env=_env(**conf))
+        _wait_queue(url, "bcast.bc.w1@busy")
+        queues = {row[0]: row[1] for row in rabbitmqctl(
+            "list_queues", "-p", url.rsplit("/", 1)[1], "name", "arguments")}
+        assert "x-expires" in queues["bcast.bc.w1@busy"] and "3000" in queues[
+            "bcast.bc.w1@busy"]
+        amqp_routing_app.mark.delay(str(log), "long", 7.0)  # the only child: busy 7 s
+        time.sleep(8.0)  # longer than the expiry, with no consumer on the queue
+        _wait_queue(url, "bcast.bc.w1@busy", timeout=0.1)  # still there
+        amqp_routing_app.where.apply_async((str(log), "after"), queue="bc")
+        wait_for(lambda: any(line[0] == "after" for line in _lines(log)), timeout=30)
+    finally:
+        app.conf.task_queues = None
+        app.conf.broker_transport_options = {}
         app.close()
 
 
@@ -392,9 +437,17 @@ def test_worker_direct_queues(start_worker: StartWorker, tmp_path: Path) -> None
         # Celery's own helper (a kombu Queue bound to C.dq2) works as ``queue=``.
         assert t.apply_async((str(log), "k"), queue=celery_worker_direct("w2@direct")).get(
             timeout=30) == "w2@direct"
+        # A real Celery client's worker_direct queue reaches the celeriac worker.
+        capp = _celery_client(url)
+        try:
+            r = capp.send_task("tests.apps.amqp_routing_app.where", (str(log), "c"),
+                               queue=celery_worker_direct("w1@direct"))
+            assert r.get(timeout=30) == "w1@direct"
+        finally:
+            capp.close()
         for i in range(6):
             t.apply_async((str(log), f"d{i}"), queue="w1@direct.dq2")
-        wait_for(lambda: len(_lines(log)) >= 9, timeout=30)
+        wait_for(lambda: len(_lines(log)) >= 10, timeout=30)
         assert {line[1] for line in _lines(log) if line[0].startswith("d")} == {"w1@direct"}
         vhost = url.rsplit("/", 1)[1]
         bindings = rabbitmqctl("list_bindings", "-p", vhost, "source_name", "destination_name",
