@@ -26,7 +26,7 @@ import pytest
 from celeriac import Celery
 from celeriac.brokers.redis import RedisBroker
 from tests.apps import redis_tasks as rt
-from tests.apps.redis_tasks import lines
+from tests.apps.events import lines
 from tests.conftest import WorkerProcess, bind_app
 from tests.redis_support import (
     CuttingProxy,

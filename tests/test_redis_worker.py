@@ -18,7 +18,7 @@ from celeriac import Celery, states
 from celeriac.brokers.redis import RedisBroker
 from celeriac.exceptions import TaskRevokedError
 from tests.apps import redis_tasks as rt
-from tests.apps.redis_tasks import lines
+from tests.apps.events import lines
 from tests.conftest import WorkerProcess, bind_app
 from tests.redis_support import delete_prefix, new_prefix, shared_url, wait_for, wait_worker_ready
 

@@ -27,8 +27,9 @@ from celeriac.exceptions import (
 from celeriac.protocol.message import Message, build_task_message
 from tests.apps import worker_support
 from tests.apps import worker_tasks as wt
+from tests.apps.events import lines
 from tests.apps.worker_support import StartWorker
-from tests.apps.worker_tasks import lines, messages_left
+from tests.apps.worker_tasks import messages_left
 from tests.conftest import WorkerProcess, wait_for
 
 # Fixtures: the test app on this test's database, a shared directory, logged workers.

@@ -11,8 +11,8 @@ from celeriac import Celery, states
 from celeriac.exceptions import TimeLimitExceeded
 from tests.apps import worker_support
 from tests.apps import worker_tasks as wt
+from tests.apps.events import lines
 from tests.apps.worker_support import StartWorker
-from tests.apps.worker_tasks import lines
 from tests.conftest import wait_for
 
 # Fixtures: the test app on this test's database, a shared directory, logged workers.

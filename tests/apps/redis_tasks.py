@@ -11,6 +11,7 @@ import os
 import time
 
 from celeriac import Celery
+from tests.apps.events import append, wait_file
 
 app = Celery("tests.apps.redis_tasks")
 app.conf.task_max_redeliveries = 3
@@ -23,32 +24,6 @@ if os.environ.get("CELERIAC_TEST_PREFETCH"):
 if os.environ.get("CELERIAC_TEST_PUBLISH_FOREVER"):
     app.conf.task_publish_retry_policy = {"max_retries": None, "interval_start": 0,
                                           "interval_step": 0.2, "interval_max": 1.0}
-
-WAIT_LIMIT = 60.0
-
-
-def append(d: str, name: str, line: str) -> None:
-    """One short line with O_APPEND: atomic across processes."""
-    with open(os.path.join(d, name), "a") as f:
-        f.write(line + "\n")
-
-
-def lines(d: str, name: str) -> list[str]:
-    try:
-        with open(os.path.join(d, name)) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
-
-
-def wait_file(d: str, name: str, timeout: float = WAIT_LIMIT) -> bool:
-    path = os.path.join(d, name)
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 class CustomError(Exception):

@@ -13,35 +13,10 @@ import time
 from celeriac import Celery
 from celeriac.exceptions import SoftTimeLimitExceeded
 from celeriac.task import Task
+from tests.apps.events import append, lines, wait_file
 
 # Worker-side settings live here: the worker process imports this module.
 app = Celery("tests.apps.worker_tasks", task_max_redeliveries=2)
-
-WAIT_LIMIT = 30.0  # a task waiting on the test gives up after this long
-
-
-def append(d: str, name: str, line: str) -> None:
-    """Append one line; O_APPEND writes of one short line are atomic across processes."""
-    with open(os.path.join(d, name), "a") as f:
-        f.write(line + "\n")
-
-
-def lines(d: str, name: str) -> list[str]:
-    try:
-        with open(os.path.join(d, name)) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
-
-
-def wait_file(d: str, name: str, timeout: float = WAIT_LIMIT) -> bool:
-    path = os.path.join(d, name)
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @app.task
