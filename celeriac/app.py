@@ -706,6 +706,10 @@ class Celery:
             raise ImproperlyConfigured(
                 f"no queue in task_queues is bound to exchange {exchange!r} ({kind}) for "
                 f"routing key {routing_key!r} (broadcast queues need RabbitMQ)")
+        for message in messages:
+            # As Celery's virtual transports write it in the envelope (Redis).
+            message.properties["delivery_info"] = {"exchange": exchange,
+                                                   "routing_key": routing_key}
         for queue in queues:
             self.broker.publish(queue, messages, not_before=not_before)
 

@@ -196,6 +196,9 @@ def test_brokers_without_exchanges_get_the_bound_queues() -> None:
     app.send_task("t", exchange="media", routing_key="media.audio")
     assert app.broker.queue_size("video") == 1
     assert app.broker.queue_size("all") == 2
+    [d] = app.broker.consumer(["video"]).fetch(1, 1)
+    assert d.message.properties["delivery_info"] == {"exchange": "media",
+                                                     "routing_key": "media.video.hd"}
     app.send_task("t", exchange="C.dq2", routing_key="w1@h")
     assert app.broker.queue_size("w1@h.dq2") == 1
     with pytest.raises(ImproperlyConfigured, match="broadcast queues need RabbitMQ"):
