@@ -1,7 +1,7 @@
 """The real Celery's side of the interop tests: `celery -A tests.interop.celery_tasks worker`.
 
-Same task names as ``tests/apps/interop_tasks.py``. The worker reads its Redis URLs and
-key prefix from the environment (``INTEROP_BROKER``, ``INTEROP_BACKEND``,
+Same task names as ``tests/apps/interop_tasks.py``. The worker reads its broker and backend
+URLs and (on Redis) its key prefix from the environment (``INTEROP_BROKER``, ``INTEROP_BACKEND``,
 ``INTEROP_PREFIX``); the tests build client apps with :func:`make_app`.
 """
 
@@ -23,9 +23,10 @@ def append(d: str, name: str, line: str) -> None:
 
 def make_app(broker: str, backend: str, prefix: str, **conf: Any) -> Celery:
     app = Celery("interop", broker=broker, backend=backend, set_as_current=False)
+    if prefix:  # Redis: the test's keys live under this prefix
+        app.conf.update(broker_transport_options={"global_keyprefix": prefix},
+                        result_backend_transport_options={"global_keyprefix": prefix})
     app.conf.update(
-        broker_transport_options={"global_keyprefix": prefix},
-        result_backend_transport_options={"global_keyprefix": prefix},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         **conf,

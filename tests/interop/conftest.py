@@ -1,7 +1,12 @@
-"""Fixtures for running celeriac against the real Celery (from PyPI) on one Redis db.
+"""Fixtures for running celeriac against the real Celery (from PyPI), on every broker.
 
-Both sides share the queues and results under a per-test key prefix (kombu's and
-Celery's ``global_keyprefix``, celeriac's ``?global_keyprefix=``) in db ``INTEROP_DB``.
+Every interop test runs on Redis and on RabbitMQ (``interop`` is parametrised); a test
+that only makes sense on one names it with
+``@pytest.mark.parametrize("interop", ["redis"], indirect=True)``.
+
+* Redis: both sides share the queues and results under a per-test key prefix (kombu's and
+  Celery's ``global_keyprefix``, celeriac's ``?global_keyprefix=``) in db ``INTEROP_DB``.
+* RabbitMQ: both sides share a fresh vhost; results travel over ``rpc://``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import pytest
 import redis
 
 from celeriac import Celery
-from tests.apps import interop_tasks
+from tests.apps import amqp_support, interop_tasks
 from tests.conftest import ROOT, WorkerProcess, bind_app
 from tests.interop.celery_tasks import make_app
 from tests.redis_support import (
@@ -32,28 +37,40 @@ from tests.redis_support import (
     wait_worker_ready,
 )
 
+BROKERS = ["redis", "rabbitmq"]
+
 
 @dataclass
 class Interop:
-    prefix: str
-    plain_url: str  # for Celery (the prefix goes in its transport options)
-    url: str  # for celeriac (the prefix in the URL)
-    dir: str
+    broker: str  # "redis" or "rabbitmq"
+    celery_broker: str  # Celery's URLs (on Redis the prefix goes in its transport options)
+    celery_backend: str
+    prefix: str  # the Redis key prefix ("" on RabbitMQ)
+    url: str  # celeriac's broker URL
+    backend: str  # celeriac's result backend URL
+    dir: str  # where tasks record what they did (tests.apps.events)
+    vhost: str = ""
 
 
-@pytest.fixture
-def interop(tmp_path: Path) -> Iterator[Interop]:
-    prefix = new_prefix("interop")
+@pytest.fixture(params=BROKERS)
+def interop(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Interop]:
     work = tmp_path / "work"
     work.mkdir()
-    yield Interop(prefix, shared_url(INTEROP_DB), shared_url(INTEROP_DB, prefix), str(work))
+    if request.param == "rabbitmq":
+        vhost = amqp_support.vhost()
+        url = amqp_support.url(vhost)
+        yield Interop("rabbitmq", url, "rpc://", "", url, "rpc://", str(work), vhost)
+        return
+    prefix = new_prefix("interop")
+    plain, prefixed = shared_url(INTEROP_DB), shared_url(INTEROP_DB, prefix)
+    yield Interop("redis", plain, plain, prefix, prefixed, prefixed, str(work))
     delete_prefix(prefix, INTEROP_DB)
 
 
 @pytest.fixture
 def celery_app(interop: Interop) -> Iterator[Any]:
     """A real Celery client app on the shared queues."""
-    app = make_app(interop.plain_url, interop.plain_url, interop.prefix)
+    app = make_app(interop.celery_broker, interop.celery_backend, interop.prefix)
     yield app
     app.close()
 
@@ -61,7 +78,7 @@ def celery_app(interop: Interop) -> Iterator[Any]:
 @pytest.fixture
 def celeriac_app(interop: Interop) -> Iterator[Celery]:
     """A celeriac client app on the same queues and results."""
-    app = bind_app(interop_tasks.app, interop.url, result_backend=interop.url)
+    app = bind_app(interop_tasks.app, interop.url, result_backend=interop.backend)
     yield app
     app.close()
 
@@ -91,11 +108,12 @@ def celery_worker(interop: Interop, tmp_path: Path) -> Iterator[Callable[..., Ce
 
     def start(*args: str) -> CeleryWorker:
         log_path = tmp_path / f"celery-worker-{len(started)}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "INTEROP_BROKER": interop.plain_url,
-               "INTEROP_BACKEND": interop.plain_url, "INTEROP_PREFIX": interop.prefix}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "INTEROP_BROKER": interop.celery_broker,
+               "INTEROP_BACKEND": interop.celery_backend, "INTEROP_PREFIX": interop.prefix}
+        name = f"interop-{len(started)}-{os.getpid()}-{tmp_path.name[-12:]}@%h"
         cmd = [sys.executable, "-m", "celery", "-A", "tests.interop.celery_tasks", "worker",
                "--pool", "solo", "-l", "INFO", "--without-gossip", "--without-mingle",
-               "-n", f"interop-{len(started)}-{interop.prefix[-13:-1]}@%h", *args]
+               "-n", name, *args]
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                 cwd=str(tmp_path))
@@ -115,24 +133,48 @@ def celery_worker(interop: Interop, tmp_path: Path) -> Iterator[Callable[..., Ce
         worker.stop()
 
 
+def pidbox_listeners(vhost: str) -> int:
+    """Queues bound to Celery's ``celery.pidbox`` exchange (who hears a revoke)."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_bindings", "-p", vhost, "source_name",
+                          "destination_name"], capture_output=True, text=True, check=True)
+    return sum(1 for line in out.stdout.splitlines() if line.split("\t")[0] == "celery.pidbox")
+
+
+def _redis_pidbox_listeners(interop: Interop) -> int:
+    client = redis.Redis(REDIS_HOST, REDIS_PORT, db=INTEROP_DB)
+    try:
+        channel = f"{interop.prefix}/{INTEROP_DB}.celery.pidbox"
+        return int(client.pubsub_numsub(channel)[0][1])
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def celeriac_worker(interop: Interop, celeriac_app: Celery,
                     start_worker: Callable[..., WorkerProcess]) -> Callable[..., WorkerProcess]:
+    """A celeriac worker on the shared queues, ready: it runs tasks and hears revokes."""
+
     def start(*args: str, **kwargs: Any) -> WorkerProcess:
-        env = {"CELERIAC_RESULT_BACKEND": interop.url, **kwargs.pop("env", {})}
+        env = {"CELERIAC_RESULT_BACKEND": interop.backend, **kwargs.pop("env", {})}
         worker = start_worker(celeriac_app, *args, env=env, wait=False, **kwargs)
-        wait_worker_ready(worker, interop.url)
-        # Celery's revoke is a pub/sub broadcast, not kept: wait until the supervisor and
-        # every child listen on the pidbox channel.
-        client = redis.Redis(REDIS_HOST, REDIS_PORT, db=INTEROP_DB)
-        channel = f"{interop.prefix}/{INTEROP_DB}.celery.pidbox"
-        kids = len(worker.children())
-        listeners = 1 + kids if kids else 1  # supervisor + children, or one solo process
         try:
-            wait_for(lambda: client.pubsub_numsub(channel)[0][1] >= listeners, 20,
-                     message="the worker to listen for Celery's control messages")
-        finally:
-            client.close()
+            if interop.broker == "redis":
+                wait_worker_ready(worker, interop.url)
+            else:
+                assert interop_tasks.add.delay(1, 1).get(timeout=30) == 2
+            # Celery's revoke is a broadcast that is not kept for a late listener: wait
+            # until the supervisor and every child listen.
+            kids = len(worker.children())
+            listeners = 1 + kids if kids else 1  # supervisor + children, or one solo process
+            if interop.broker == "redis":
+                wait_for(lambda: _redis_pidbox_listeners(interop) >= listeners, 30,
+                         message="the worker to listen for Celery's control messages")
+            else:  # rabbitmqctl takes a while per call: ask less often
+                wait_for(lambda: pidbox_listeners(interop.vhost) >= listeners, 30,
+                         interval=0.2, message="the worker to listen for Celery's revokes")
+        except BaseException:
+            print(worker.log())
+            raise
         return worker
 
     return start
