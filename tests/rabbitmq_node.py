@@ -9,10 +9,11 @@ directly, as the current user: the ``/usr/sbin`` wrappers would switch to the ``
 user and its cookie.
 
 Waits are on conditions (a real AMQP connection), with timeouts; a node that fails to
-boot raises with the tail of its log. ``stop()`` is a clean ``rabbitmqctl stop``;
-``kill()`` is SIGKILL of the node's process group (a crash). Both keep the data
-directory, so ``start()`` again is a restart on the same data; ``cleanup()`` stops it and
-deletes the directory.
+boot raises with the tail of its log. If the test process itself dies (even by SIGKILL),
+the kernel tells the node's launcher, which shuts the node down. ``stop()`` is a clean
+``rabbitmqctl stop``; ``kill()`` is SIGKILL of the node's process group (a crash). Both
+keep the data directory, so ``start()`` again is a restart on the same data;
+``cleanup()`` stops it and deletes the directory.
 
     node = RabbitNode(tmp_dir, tls=make_certs(tmp_dir))
     node.start()              # ~3-5 s
@@ -34,6 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RABBITMQ_BIN = Path(os.environ.get("CELERIAC_TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
+
+
+def _stop_with_parent() -> None:
+    """In the node's launcher: the kernel sends it SIGTERM when the test process dies
+    (Linux), so a killed test run leaves no node behind. The ``rabbitmq-server`` script
+    turns SIGTERM into a clean shutdown of the Erlang VM."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -171,6 +184,7 @@ class RabbitNode:
                 [str(RABBITMQ_BIN / "rabbitmq-server")], env=self.env, cwd=self.base,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: kill() takes it all
+                preexec_fn=_stop_with_parent,
             )
         finally:
             out.close()
