@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 from uuid import uuid4
 
 import redis
+
+from tests import tcp_proxy
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = int(os.environ.get("CELERIAC_TEST_REDIS_PORT", "6379"))
@@ -147,86 +148,11 @@ def private_redis(directory: Path, *extra: str) -> Iterator[PrivateRedis]:
         server.stop(signal.SIGKILL)
 
 
-class CuttingProxy:
-    """A TCP proxy to Redis that can cut every connection through it at once.
-
-    ``cut()`` closes all live connections (clients see a reset mid-stream); new
-    connections are accepted again at once unless ``refuse`` is set.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(256)
-        self.port = self.listener.getsockname()[1]
-        self.refuse = False
-        self.cuts = 0
-        self._pairs: list[tuple[socket.socket, socket.socket]] = []
-        self._lock = threading.Lock()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+class CuttingProxy(tcp_proxy.CuttingProxy):
+    """A cutting TCP relay to a Redis on this machine (tests/tcp_proxy.py)."""
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def _accept(self) -> None:
-        while not self._stopped:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.refuse or self._stopped:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._pairs.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> int:
-        """Reset every connection now; returns how many were cut."""
-        with self._lock:
-            pairs, self._pairs = self._pairs, []
-        for pair in pairs:
-            for s in pair:
-                with contextlib.suppress(OSError):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                 b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    s.close()
-        self.cuts += 1
-        return len(pairs)
-
-    def close(self) -> None:
-        self._stopped = True
-        with contextlib.suppress(OSError):
-            self.listener.close()
-        self.cut()
 
 
 def consumer_pids(url: str) -> set[int]:

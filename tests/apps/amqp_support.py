@@ -14,6 +14,8 @@ import subprocess
 import threading
 import uuid
 
+from tests import tcp_proxy
+
 HOST, PORT = "127.0.0.1", 5672
 _lock = threading.Lock()
 _spare: list[str] = []
@@ -118,88 +120,12 @@ def _cleanup() -> None:
 atexit.register(_cleanup)
 
 
-class TcpProxy:
-    """A TCP relay on 127.0.0.1 to RabbitMQ that a test can cut (all connections at once).
-
-    ``cut()`` closes every relayed connection (both ends see it drop); new connections are
-    accepted again at once. ``refuse(True)`` makes it close new connections immediately.
-    """
+class TcpProxy(tcp_proxy.CuttingProxy):
+    """A cutting TCP relay to RabbitMQ (tests/tcp_proxy.py)."""
 
     def __init__(self, target: tuple[str, int] = (HOST, PORT)) -> None:
-        self.target = target
-        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind(("127.0.0.1", 0))
-        self._server.listen(64)
-        self.port = self._server.getsockname()[1]
-        self._pairs: list[tuple[socket.socket, socket.socket]] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self._refusing = False
-        self.cuts = 0
-        self.accepted = 0
-        threading.Thread(target=self._accept, daemon=True, name="tcp-proxy").start()
+        super().__init__(target[1], target[0])
 
     def url(self, vhost_name: str, query: str = "") -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/{vhost_name}" + (
             f"?{query}" if query else "")
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            if self._refusing:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._pairs.append((client, upstream))
-                self.accepted += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def cut(self) -> int:
-        """Drop every relayed connection now; returns how many."""
-        with self._lock:
-            pairs, self._pairs = self._pairs, []
-            self.cuts += 1
-        for client, upstream in pairs:
-            for s in (client, upstream):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-        return len(pairs)
-
-    def refuse(self, on: bool) -> None:
-        self._refusing = on
-
-    def close(self) -> None:
-        self._closed = True
-        self._server.close()
-        self.cut()
