@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -23,6 +23,7 @@ from uuid import uuid4
 import redis
 
 from tests import tcp_proxy
+from tests.conftest import wait_for
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = int(os.environ.get("CELERIAC_TEST_REDIS_PORT", "6379"))
@@ -64,18 +65,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
-             message: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 class PrivateRedis:
