@@ -191,6 +191,9 @@ SETTINGS: dict[str, Setting] = {
     # worker
     "worker_concurrency": Setting(None, _number(integer=True, minimum=1)),
     "worker_prefetch_multiplier": Setting(4, _number(integer=True, minimum=1, none=False)),
+    # celeriac's: once a task has run this long (s), its child gives back the messages it
+    # prefetched behind it (0: keep them until it gets to them).
+    "worker_prefetch_release_after": Setting(0.1, _number(minimum=0, none=False)),
     "worker_max_tasks_per_child": Setting(None, _number(integer=True, minimum=1)),
     "worker_max_memory_per_child": Setting(None, _number(integer=True, minimum=1)),
     "worker_pool": Setting("prefork", _choice("prefork", "threads", "solo")),

@@ -65,7 +65,9 @@ def launch(start_worker: StartWorker, app: Celery, backend_url: str, *args: str,
            ready_url: str | None = None, recovery: float = RECOVERY) -> WorkerProcess:
     env = {"CELERIAC_RESULT_BACKEND": backend_url,
            "CELERIAC_TEST_RECOVERY_TIMEOUT": str(recovery),
-           "CELERIAC_TEST_PREFETCH": str(prefetch)}
+           "CELERIAC_TEST_PREFETCH": str(prefetch),
+           # What a worker prefetched stays with it (the tests count what it holds).
+           "CELERIAC_TEST_KEEP_PREFETCHED": "1"}
     if host:
         env["CELERIAC_HOST_ID"] = host
     worker = start_worker(app, *args, concurrency=concurrency, env=env, wait=False)
@@ -115,6 +117,7 @@ def test_killed_worker_is_recovered_by_a_live_one(
     # Everything A held came back flagged as redelivered (A's process could have started
     # any of it): its two running tasks and its two prefetched ones.
     again = [r for r in log if r[2] == "True"]
+    print("LOG", log, "A", a_running)
     assert len(again) == 4 and a_running <= {int(r[0]) for r in again}
     first_redelivery = min(float(r[3]) for r in again)
     took = first_redelivery - killed_at

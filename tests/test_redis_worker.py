@@ -176,7 +176,7 @@ def test_several_queues(app: Celery, start: Callable[..., WorkerProcess], d: str
 
 def test_warm_shutdown_gives_back_prefetched(app: Celery, start: Callable[..., WorkerProcess],
                                              d: str) -> None:
-    worker = start(app, env={"CELERIAC_TEST_PREFETCH": "8"})
+    worker = start(app, env={"CELERIAC_TEST_PREFETCH": "8", "CELERIAC_TEST_KEEP_PREFETCHED": "1"})
     (Path(d) / "hold").touch()
     results = [rt.late_work.delay(d, n) for n in range(6)]
     wait_for(lambda: lines(d, "runs"), message="the first task to start")

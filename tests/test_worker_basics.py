@@ -269,6 +269,23 @@ def test_results_of_a_batch_are_not_held_behind_a_long_task(
     assert isinstance(slow.get(timeout=10), int)
 
 
+def test_prefetched_tasks_are_not_held_behind_a_long_task(
+    app: Celery, d: str, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    # Sent before any worker runs: the first worker's child fetches all four in one batch.
+    long = wt.blocker.delay(d)
+    quick = [wt.add.delay(i, i) for i in range(3)]
+    start_worker(app, concurrency=1)
+    wait_for(lambda: long.state == states.STARTED, message="the long task to start")
+    # A second worker is idle: the first gives the quick ones back, and the second runs
+    # them while the long task still runs (it runs until the test releases it).
+    start_worker(app, concurrency=1)
+    assert [r.get(timeout=10) for r in quick] == [0, 2, 4]
+    assert not long.ready()
+    (tmp_path / "release").touch()
+    assert isinstance(long.get(timeout=10), int)
+
+
 # -- bad input -------------------------------------------------------------------------
 
 

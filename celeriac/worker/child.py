@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -35,6 +36,10 @@ log = logging.getLogger("celeriac.worker")
 # helper thread stores the results of those already run, so none is held hostage.
 FLUSH_AFTER = 0.02
 FLUSHER_IDLE_AFTER = 1.0  # seconds without a batch before the flusher sleeps until notified
+# Nor are the batch's messages not yet started: once the task running has taken
+# ChildConfig.release_after seconds (worker_prefetch_release_after), they go back to the
+# queue, where an idle child or worker takes them (Celery's -Ofair, without a supervisor
+# handing out tasks).
 
 
 @dataclass
@@ -45,6 +50,7 @@ class ChildConfig:
     pool: str = "prefork"  # prefork | threads | solo
     threads: int = 1
     prefetch_multiplier: int = 4
+    release_after: float = 0.1  # 0: never give prefetched messages back
     max_tasks: int | None = None
     max_memory_kib: int | None = None
     first_slot: int = 0
@@ -66,6 +72,9 @@ class ChildWorker:
         self._consumer: Consumer | None = None
         self._done: list[tuple[Delivery, Settlement]] = []
         self._done_lock = threading.Lock()
+        # Fetched, not started yet (inline pools); the loop and the flusher take from it.
+        self._queued: deque[Delivery] = deque()
+        self._started_at: float | None = None  # when the task running now started
         self._inflight = 0
         self._revocations: Any = None
         self._revocations_lock = threading.Lock()
@@ -157,17 +166,33 @@ class ChildWorker:
 
     def _run_inline(self, batch: list[Delivery], handler: MessageHandler, consumer: Consumer,
                     backend: Any) -> None:
-        for index, delivery in enumerate(batch):
-            if self.stopping or self._limits_reached():
+        with self._done_lock:
+            self._queued.extend(batch)
+        first = True
+        while True:
+            with self._done_lock:
+                if not self._queued:
+                    break
+                delivery = self._queued.popleft()
+                if self.stopping or self._limits_reached():
+                    rest = [delivery, *self._queued]
+                    self._queued.clear()
+                else:
+                    rest = []
+            if rest:
                 with self._settle_lock:
-                    consumer.reject(batch[index:], requeue=True)
+                    consumer.reject(rest, requeue=True)
                 break
-            if index:
+            if not first:
                 # A prefetched message may have been revoked while earlier ones ran.
                 self._refresh_revocations()
-                # Should this task take a while, the results before it are stored anyway.
-                self._arm_flusher(consumer, backend)
+            first = False
+            # Should this task take a while, the results before it are stored anyway, and
+            # the messages after it go back to the queue (_release_if_slow).
+            self._arm_flusher(consumer, backend)
+            self._started_at = time.monotonic()
             settlement = self._handle(handler, delivery)
+            self._started_at = None
             with self._done_lock:
                 self._done.append((delivery, settlement))
             self.tasks_done += 1
@@ -200,7 +225,7 @@ class ChildWorker:
 
     def _arm_flusher(self, consumer: Consumer, backend: Any) -> None:
         with self._flush_cond:
-            if self._flush_at is not None or not self._done:
+            if self._flush_at is not None or not (self._done or self._queued):
                 return
             self._armed_at = now = time.monotonic()
             self._flush_at = now + FLUSH_AFTER
@@ -239,8 +264,28 @@ class ChildWorker:
                     return
             try:
                 self._flush(consumer, backend)
+                self._release_if_slow(consumer)
             except Exception:  # the loop flushes again after the task; it will report
                 log.exception("Background flush failed")
+
+    def _release_if_slow(self, consumer: Consumer) -> None:
+        """Give back the batch's unstarted messages once the task running takes a while."""
+        started, after = self._started_at, self.config.release_after
+        if started is None or not self._queued or after <= 0:
+            return
+        wait = started + after - time.monotonic()
+        if wait > 0:  # not yet: look again then
+            with self._flush_cond:
+                if self._flush_at is None:
+                    self._flush_at = time.monotonic() + wait
+            return
+        with self._done_lock:
+            rest = list(self._queued)
+            self._queued.clear()
+        if rest:
+            with self._settle_lock:
+                consumer.reject(rest, requeue=True)
+            log.debug("Gave back %d prefetched message(s) while a task runs long", len(rest))
 
     def _stop_flusher(self) -> None:
         with self._flush_cond:

@@ -53,6 +53,7 @@ class WorkerOptions:
     hostname: str
     pool: str = "prefork"
     prefetch_multiplier: int = 4
+    prefetch_release_after: float = 0.1
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None
     heartbeat_interval: float = 2.0
@@ -78,6 +79,7 @@ class WorkerOptions:
             "hostname": hostname,
             "pool": conf.worker_pool,
             "prefetch_multiplier": conf.worker_prefetch_multiplier,
+            "prefetch_release_after": conf.worker_prefetch_release_after,
             "max_tasks_per_child": conf.worker_max_tasks_per_child,
             "max_memory_per_child": conf.worker_max_memory_per_child,
             "heartbeat_interval": conf.worker_heartbeat_interval,
@@ -155,6 +157,7 @@ class Supervisor:
         return ChildConfig(
             queues=opts.queues, hostname=opts.hostname, consumer_id=consumer_id,
             pool=opts.pool, threads=threads, prefetch_multiplier=opts.prefetch_multiplier,
+            release_after=opts.prefetch_release_after,
             max_tasks=opts.max_tasks_per_child, max_memory_kib=opts.max_memory_per_child,
             first_slot=index, rate_divisor=self.processes,
             heartbeat_interval=opts.heartbeat_interval,

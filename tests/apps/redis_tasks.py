@@ -21,6 +21,9 @@ if os.environ.get("CELERIAC_TEST_RECOVERY_TIMEOUT"):
     app.conf.worker_heartbeat_interval = min(2.0, app.conf.broker_recovery_timeout / 3)
 if os.environ.get("CELERIAC_TEST_PREFETCH"):
     app.conf.worker_prefetch_multiplier = int(os.environ["CELERIAC_TEST_PREFETCH"])
+if os.environ.get("CELERIAC_TEST_KEEP_PREFETCHED"):
+    # Tests that count what a worker holds: it keeps prefetched messages behind long tasks.
+    app.conf.worker_prefetch_release_after = 0
 if os.environ.get("CELERIAC_TEST_PUBLISH_FOREVER"):
     app.conf.task_publish_retry_policy = {"max_retries": None, "interval_start": 0,
                                           "interval_step": 0.2, "interval_max": 1.0}
