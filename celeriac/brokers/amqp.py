@@ -105,6 +105,7 @@ READ_AHEAD_MAX = 256
 # handed out was received before a barrier through the subscriber's queue that is younger
 # than this (seconds). Otherwise a poll makes its own round trip.
 REVOKE_FRESH = 0.02
+QUIET = 0.002  # a fetch with deliveries still counted as on their way waits this long for more
 
 DEFAULT_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2,
                         "interval_max": 0.2}
@@ -1134,8 +1135,12 @@ class AMQPConsumer(Consumer):
     def _round_trip(self, max_count: int, deadline: float) -> bool:
         """Consume until deliveries arrive (or the deadline); False if none came.
 
-        The cancel is sent without waiting for its reply: deliveries already on their way
-        arrive later and are taken by the next fetch (``_absorb_stragglers``).
+        Each consume is preceded by a passive declare of its queue, whose message count
+        says how many deliveries are on their way at once (up to the credit). The round
+        ends when those are in and at least one is useful, or the batch is full; then the
+        cancel needs no reply. What still comes (read-ahead, or messages published meanwhile)
+        is taken by the next fetch (``_absorb_stragglers``). A waiting consumer (an empty
+        queue) returns with the first delivery.
         """
         ch = self._channel()
         conn = ch.conn
@@ -1157,10 +1162,12 @@ class AMQPConsumer(Consumer):
             ch.drop_replies(wire.BASIC_QOS_OK)
             frames.append(ch.f_qos(credit))
             self._qos = credit
+        ch.drop_replies(wire.QUEUE_DECLARE_OK)
         tags: dict[str, str] = {}
         for i, queue in enumerate(order):
             tag = f"{self._tag_prefix}.{self._round}.{i}"
             tags[tag] = queue
+            frames.append(ch.f_queue_declare(queue, passive=True))
             frames.append(ch.f_consume(queue, tag, nowait=True))
         # Tags of earlier rounds stay known a while: their stragglers may still come in.
         if len(self._tags) > 64 * len(order):
@@ -1171,6 +1178,11 @@ class AMQPConsumer(Consumer):
         ch.on_delivery = got.append
         try:
             conn.send(b"".join(frames))
+            expected: dict[str, int] = {}  # tag -> deliveries on their way at once
+            for tag in tags:
+                _m, payload, _ = ch._expect([wire.QUEUE_DECLARE_OK])
+                _q, off = wire._read_shortstr(payload, 4)
+                expected[tag] = min(credit, wire._U32.unpack_from(payload, off)[0])
             useful = 0
             kicked = False
             while True:
@@ -1179,26 +1191,46 @@ class AMQPConsumer(Consumer):
                         # Deliveries came in: the revocation barrier goes out first.
                         _received()
                         kicked = True
+                    for inc in got:
+                        if inc.consumer_tag in expected:
+                            expected[inc.consumer_tag] -= 1
                     useful += self._absorb(got, self._tags, ch)
                     got.clear()
                 if useful >= target or self._ready_count() >= target:
                     break
+                complete = all(n <= 0 for n in expected.values())
+                if useful and complete:
+                    break
                 now = time.monotonic()
                 due = self._next_due()
-                if useful or now >= deadline or (due is not None and due <= time.time()):
+                if now >= deadline or (due is not None and due <= time.time()):
                     break
-                if len(self._waiting) > holding:
+                if len(self._waiting) > holding and complete:
                     # A message kept until due took credit: a new round asks for more.
                     break
                 left = deadline - now
                 if due is not None:
                     left = min(left, max(0.0, due - time.time()))
-                conn.pump(left, self._wake_r)
+                if useful:
+                    # Some counted messages may have gone to other consumers meanwhile:
+                    # once the socket is quiet, the cancel's reply says what else comes.
+                    left = min(left, QUIET)
+                came = conn.pump(left, self._wake_r)
                 if not ch.is_open:
                     ch.check()
-                if _readable(self._wake_r):
+                if _readable(self._wake_r) or (useful and not came):
                     break
-            conn.send(b"".join(ch.f_cancel(t, nowait=True) for t in tags))
+            if all(n <= 0 for n in expected.values()) or self._ready_count() >= target:
+                conn.send(b"".join(ch.f_cancel(t, nowait=True) for t in tags))
+                return bool(useful) or bool(self._ready)
+            # Interrupted before what was on its way came in (deadline, wake-up): cancel
+            # with replies, a barrier, so it is in.
+            conn.send(b"".join(ch.f_cancel(t) for t in tags))
+            for _ in tags:
+                ch._expect([wire.BASIC_CANCEL_OK])
+            if got:
+                useful += self._absorb(got, self._tags, ch)
+                got.clear()
             return bool(useful) or bool(self._ready)
         finally:
             ch.on_delivery = None
