@@ -107,6 +107,54 @@ class RedisWaiter(Waiter):
         self.pubsub.close()
 
 
+class _Listener:
+    """A pub/sub connection of wait()'s own, read directly (without redis-py's PubSub).
+
+    Reused: ``release`` unsubscribes without waiting for the confirmations, and the next
+    ``subscribe`` reads past whatever the connection still had to say.
+    """
+
+    CONFIRM_WITHIN = 10.0  # seconds for a subscription to be confirmed
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.conn = client.connection_pool.make_connection()
+        self.conn.connect()  # explicitly: a Sentinel-managed connection asks for the master
+
+    def subscribe(self, channels: list[bytes]) -> None:
+        conn = self.conn
+        for start in range(0, len(channels), _CHUNK):
+            conn.send_command("SUBSCRIBE", *channels[start:start + _CHUNK])
+        wanted = set(channels)
+        limit = time.monotonic() + self.CONFIRM_WITHIN
+        while wanted:
+            reply = self.read(max(0.0, limit - time.monotonic()))
+            if reply is None:
+                if time.monotonic() >= limit:
+                    raise redis.exceptions.TimeoutError("no subscribe confirmation")
+                continue
+            if reply[0] == b"subscribe":
+                wanted.discard(reply[1])
+
+    def read(self, timeout: float) -> Any:
+        """The next pub/sub reply ([kind, channel, data]), or None after ``timeout`` s."""
+        conn = self.conn
+        if not conn.can_read(timeout):
+            return None
+        # push_request: hiredis hands pub/sub replies over as push notifications, which
+        # redis-py would otherwise pass to a handler and read on past.
+        return conn.read_response(push_request=True)
+
+    def release(self) -> None:
+        self.conn.send_command("UNSUBSCRIBE")
+
+    def close(self) -> None:
+        try:
+            self.conn.disconnect()
+        except Exception:
+            pass
+
+
 class RedisBackend(ResultBackend):
     def __init__(self, url: str = "redis://localhost:6379/0", **options: Any) -> None:
         base = {k: options.pop(k) for k in _BASE_OPTIONS if k in options}
@@ -120,8 +168,8 @@ class RedisBackend(ResultBackend):
         retries = opts.get("max_retries", opts.get("result_backend_max_retries"))
         self.store_attempts: int | None = None if retries is None else int(retries) + 1
         self.chord_expires = int(opts.get("chord_expires") or self.expires or 86400)
-        self._pubsubs: list[Any] = []
-        self._pubsub_pid = os.getpid()
+        self._listeners: list[_Listener] = []  # idle pub/sub connections for wait()
+        self._listeners_pid = os.getpid()
         self._lock = threading.Lock()
         self._scripts: dict[str, Any] = {}
 
@@ -173,35 +221,36 @@ class RedisBackend(ResultBackend):
 
     def close(self) -> None:
         with self._lock:
-            pubsubs, self._pubsubs = self._pubsubs, []
-        for pubsub in pubsubs:
-            try:
-                pubsub.close()
-            except Exception:
-                pass
+            listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.close()
         self.connector.close()
 
     # -- waiting -----------------------------------------------------------------------
 
-    def _take_pubsub(self) -> Any:
+    def _take_listener(self) -> _Listener:
+        client = self.connector.client
         with self._lock:
-            if self._pubsub_pid != os.getpid():
-                self._pubsubs, self._pubsub_pid = [], os.getpid()
-            if self._pubsubs:
-                return self._pubsubs.pop()
-        return self.connector.client.pubsub()
+            if self._listeners_pid != os.getpid():
+                self._listeners, self._listeners_pid = [], os.getpid()  # a parent's sockets
+            while self._listeners:
+                listener = self._listeners.pop()
+                if listener.client is client:
+                    return listener
+                listener.close()  # from before a failover
+        return _Listener(client)
 
-    def _give_pubsub(self, pubsub: Any) -> None:
+    def _give_listener(self, listener: _Listener) -> None:
         try:
-            pubsub.unsubscribe()
+            listener.release()
         except Exception:
-            pubsub.close()
+            listener.close()
             return
         with self._lock:
-            if self._pubsub_pid == os.getpid() and len(self._pubsubs) < 8:
-                self._pubsubs.append(pubsub)
+            if self._listeners_pid == os.getpid() and len(self._listeners) < 8:
+                self._listeners.append(listener)
                 return
-        pubsub.close()
+        listener.close()
 
     def wait(
         self, task_ids: Sequence[str], timeout: float | None = None, interval: float = 1.0
@@ -211,13 +260,13 @@ class RedisBackend(ResultBackend):
         deadline = None if timeout is None else time.monotonic() + timeout
         if not pending:
             return
-        channels = {self.prefix + TASK_KEY_PREFIX + t: t for t in pending}
-        pubsub: Any = None
+        channels = {(self.prefix + TASK_KEY_PREFIX + t).encode(): t for t in pending}
+        listener: _Listener | None = None
         healthy = False
         try:
             while pending:
-                if pubsub is None:
-                    pubsub = self._subscribe(channels, pending, deadline)
+                if listener is None:
+                    listener = self._subscribe(channels, pending, deadline)
                 # Read once after subscribing: a result stored before is not published again.
                 for task_id, meta in self.get_many(pending).items():
                     if meta.get("status") in states.READY_STATES and task_id in pending:
@@ -234,53 +283,45 @@ class RedisBackend(ResultBackend):
                         break  # the safety re-read
                     until = next_read if deadline is None else min(next_read, deadline)
                     try:
-                        msg = pubsub.get_message(timeout=max(0.0, until - now))
+                        reply = listener.read(max(0.0, until - now))
                     except CONNECTION_ERRORS as exc:
                         self.connector.on_connection_error(exc)
-                        pubsub.close()
-                        pubsub = None
+                        listener.close()
+                        listener = None
                         time.sleep(min(0.2, max(0.0, until - time.monotonic())))
                         break
-                    if msg is None or msg["type"] != "message":
+                    if reply is None or reply[0] != b"message":
                         continue
-                    found = channels.get(msg["channel"].decode())
+                    found = channels.get(reply[1])
                     if found is None or found not in pending:
                         continue
-                    task_id = found
-                    meta = self.decode(msg["data"])
+                    meta = self.decode(reply[2])
                     if meta.get("status") in states.READY_STATES:
-                        pending.remove(task_id)
+                        pending.remove(found)
                         yield meta
             healthy = True
+        except (GeneratorExit, TimeoutError):
+            # The caller stopped at a yield (get() of one task does), or we gave up: no
+            # reply was half read, so the connection can serve the next wait.
+            healthy = True
+            raise
         finally:
-            if pubsub is not None:
+            if listener is not None:
                 if healthy:
-                    self._give_pubsub(pubsub)
+                    self._give_listener(listener)
                 else:
-                    pubsub.close()
+                    listener.close()
 
-    def _subscribe(self, channels: dict[str, str], pending: list[str],
-                   deadline: float | None) -> Any:
+    def _subscribe(self, channels: dict[bytes, str], pending: list[str],
+                   deadline: float | None) -> _Listener:
         """A pub/sub connection subscribed (confirmed) to the pending tasks' channels."""
         while True:
-            pubsub = self._take_pubsub()
+            listener = self._take_listener()
             try:
-                names = [c for c, t in channels.items() if t in pending]
-                for start in range(0, len(names), _CHUNK):
-                    pubsub.subscribe(*names[start:start + _CHUNK])
-                wanted = set(names)
-                limit = time.monotonic() + 10
-                while wanted:
-                    msg = pubsub.get_message(timeout=max(0.0, limit - time.monotonic()))
-                    if msg is None:
-                        if time.monotonic() > limit:
-                            raise redis.exceptions.TimeoutError("no subscribe confirmation")
-                        continue
-                    if msg["type"] == "subscribe":
-                        wanted.discard(msg["channel"].decode())
-                return pubsub
+                listener.subscribe([c for c, t in channels.items() if t in pending])
+                return listener
             except CONNECTION_ERRORS as exc:
-                pubsub.close()
+                listener.close()
                 self.connector.on_connection_error(exc)
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError("The operation timed out.") from exc
