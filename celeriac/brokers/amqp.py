@@ -121,7 +121,11 @@ _last_receipt: list[tuple[int, float]] = [(0, 0.0)]  # (pid, monotonic): deliver
 
 def _received() -> None:
     """A consumer of this process received deliveries: start the revocation barriers now
-    (their replies are read by the next poll), so a poll rarely waits a full round trip."""
+    (their replies are read by the next poll), so a poll rarely waits a full round trip.
+
+    Called after the deliveries came in: a barrier sent earlier does not cover them (a
+    poll then makes its own round trip).
+    """
     _last_receipt[0] = (os.getpid(), time.monotonic())
     for sub in list(_REVOKE_SUBSCRIBERS):
         sub.kick()
@@ -1098,6 +1102,7 @@ class AMQPConsumer(Consumer):
             return
         got = list(ch.deliveries)
         ch.deliveries.clear()
+        _received()
         try:
             self._absorb(got, self._tags, ch)
         except (ConnectionLost, ChannelClosed, TimeoutError) as exc:
@@ -1184,16 +1189,19 @@ class AMQPConsumer(Consumer):
                 _q, off = wire._read_shortstr(payload, 4)
                 expected[tag] = min(credit, wire._U32.unpack_from(payload, off)[0])
             useful = 0
-            kicked = False
+            received = 0  # deliveries in this round
+            kicked = 0  # how many had come in when the revocation barrier went out
             while True:
                 if got:
-                    if not kicked:
-                        # Deliveries came in: the revocation barrier goes out first.
-                        _received()
-                        kicked = True
+                    received += len(got)
                     for inc in got:
                         if inc.consumer_tag in expected:
                             expected[inc.consumer_tag] -= 1
+                    if received >= target or all(n <= 0 for n in expected.values()):
+                        # Likely the last of this round: the revocation barrier goes out
+                        # now, before these are decoded (its reply overlaps that).
+                        _received()
+                        kicked = received
                     useful += self._absorb(got, self._tags, ch)
                     got.clear()
                 if useful >= target or self._ready_count() >= target:
@@ -1220,6 +1228,9 @@ class AMQPConsumer(Consumer):
                     ch.check()
                 if _readable(self._wake_r) or (useful and not came):
                     break
+            if received > kicked:
+                # More came in after it: a barrier after the last one.
+                _received()
             if all(n <= 0 for n in expected.values()) or self._ready_count() >= target:
                 conn.send(b"".join(ch.f_cancel(t, nowait=True) for t in tags))
                 return bool(useful) or bool(self._ready)
@@ -1231,6 +1242,7 @@ class AMQPConsumer(Consumer):
             if got:
                 useful += self._absorb(got, self._tags, ch)
                 got.clear()
+                _received()
             return bool(useful) or bool(self._ready)
         finally:
             ch.on_delivery = None
