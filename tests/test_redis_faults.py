@@ -117,7 +117,6 @@ def test_killed_worker_is_recovered_by_a_live_one(
     # Everything A held came back flagged as redelivered (A's process could have started
     # any of it): its two running tasks and its two prefetched ones.
     again = [r for r in log if r[2] == "True"]
-    print("LOG", log, "A", a_running)
     assert len(again) == 4 and a_running <= {int(r[0]) for r in again}
     first_redelivery = min(float(r[3]) for r in again)
     took = first_redelivery - killed_at
