@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from celeriac.config import OLD_NAMES, Settings, check_setting, read_envvar, read_object
 from celeriac.exceptions import ImproperlyConfigured
+from celeriac.forks import generation as _FORKS
 from celeriac.protocol import serializers
-from celeriac.protocol.message import build_task_message
+from celeriac.protocol.message import build_task_message, uuid4_str
 from celeriac.registry import TaskRegistry
 from celeriac.task import Context, Task, current_request, make_task_class
 
@@ -97,7 +98,7 @@ class Celery:
         self._pending: list[Callable[[], Any]] = []
         self._finalized = False
         self._connections: dict[str, Any] = {}
-        self._pid = os.getpid()
+        self._fork_generation = _FORKS[0]
         self._exception_registry: dict[str, type[BaseException]] = {}
         self._routes: Any = None
         self.log = logging.getLogger("celeriac")
@@ -297,11 +298,10 @@ class Celery:
     # -- connections ---------------------------------------------------------------------
 
     def _per_process(self, key: str, factory: Callable[[], Any]) -> Any:
-        pid = os.getpid()
-        if pid != self._pid:
+        if _FORKS[0] != self._fork_generation:  # not os.getpid(): a system call per use
             # A forked child must not use its parent's sockets or SQLite handles.
             self._connections = {}
-            self._pid = pid
+            self._fork_generation = _FORKS[0]
         found = self._connections.get(key)
         if found is None:
             with self._conf_lock:
@@ -528,7 +528,7 @@ class Celery:
         from celeriac.result import AsyncResult
 
         conf = self.conf
-        task_id = task_id or str(uuid.uuid4())
+        task_id = task_id or uuid4_str()
         args = list(args) if args is not None else []
         kwargs = dict(kwargs) if kwargs is not None else {}
         now = None

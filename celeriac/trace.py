@@ -40,8 +40,22 @@ class Outcome:
     eager_result: Any = None
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted (one tuple: atomic)
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat()
+    """The time now as ``datetime.now(UTC).isoformat()`` writes it (the second's part cached)."""
+    global _second
+    t = time.time()
+    sec = int(t)
+    cached_sec, text = _second
+    if cached_sec != sec:
+        text = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (sec, text)
+    micro = int((t - sec) * 1_000_000)
+    if micro == 0:
+        return f"{text}+00:00"  # isoformat() leaves out a zero fraction
+    return f"{text}.{micro:06d}+00:00"
 
 
 def build_meta(

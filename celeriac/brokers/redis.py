@@ -58,7 +58,7 @@ from celeriac.brokers.base import (
 )
 from celeriac.brokers.redis_client import CONNECTION_ERRORS, RedisConnector, check_exec
 from celeriac.exceptions import ImproperlyConfigured
-from celeriac.protocol.message import Message
+from celeriac.protocol.message import Message, uuid4_str
 
 log = logging.getLogger("celeriac.redis")
 
@@ -261,7 +261,7 @@ def encode_envelope(message: Message, queue: str) -> bytes:
     added: list[str] = []
     originals: dict[str, Any] = {}
     if "delivery_tag" not in props:
-        props["delivery_tag"] = str(uuid.uuid4())
+        props["delivery_tag"] = uuid4_str()
         added.append("delivery_tag")
     if "delivery_info" not in props:
         props["delivery_info"] = {"exchange": "", "routing_key": queue}

@@ -58,6 +58,15 @@ def _safe_repr(value: Any, maxsize: int) -> str:
     return text if len(text) <= maxsize else text[: maxsize - 3] + "..."
 
 
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def uuid4_str() -> str:
+    """``str(uuid.uuid4())``, in about half the time (it is paid for on every send)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
 def iso(dt: datetime | None) -> str | None:
     if dt is None:
         return None

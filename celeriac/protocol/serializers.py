@@ -113,12 +113,24 @@ def json_dumps(obj: Any) -> bytes:
 
             return json.dumps(obj, default=_json_default).encode()
         raise
-    if b"-" in data and _UUID_TEXT.search(data) is not None:
+    if b"-" in data and _UUID_TEXT.search(data) is not None and _has_uuid(obj):
         # orjson writes a UUID as a plain string, kombu as a tagged object that decodes
-        # back to a UUID. Only output holding a UUID-shaped string can contain one, so
-        # the walk that tags them is paid for only then.
+        # back to a UUID. Only output holding a UUID-shaped string can contain one (most
+        # such strings are just ids: task_id, parent_id, ...), so the walk that tags them
+        # and the second encoding are paid for only when a UUID object is really there.
         data = orjson.dumps(_tag_uuids(obj), default=_json_default, option=_JSON_OPTIONS)
     return data
+
+
+_PLAIN = (str, int, float, bytes, type(None))
+
+
+def _has_uuid(obj: Any) -> bool:
+    if isinstance(obj, dict):
+        obj = obj.values()
+    elif not isinstance(obj, list | tuple):
+        return isinstance(obj, uuid.UUID)
+    return any(not isinstance(value, _PLAIN) and _has_uuid(value) for value in obj)
 
 
 def json_loads(data: bytes | str) -> Any:
