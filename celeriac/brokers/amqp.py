@@ -112,21 +112,19 @@ DEFAULT_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 
 
 _CONSUMERS: weakref.WeakValueDictionary[str, AMQPConsumer] = weakref.WeakValueDictionary()
 _REVOKE_SUBSCRIBERS: weakref.WeakSet[AMQPSubscriber] = weakref.WeakSet()
-_last_receipt: list[tuple[int, float]] = [(0, 0.0)]  # (pid, monotonic): deliveries came in
-
-
-
-
+# (pid, monotonic): the latest time a delivery handed out by this process's consumers
+# had come in. A revocation poll may skip its round trip only if a barrier was sent
+# after that.
+_handed_receipt: list[tuple[int, float]] = [(0, 0.0)]
 
 
 def _received() -> None:
     """A consumer of this process received deliveries: start the revocation barriers now
     (their replies are read by the next poll), so a poll rarely waits a full round trip.
 
-    Called after the deliveries came in: a barrier sent earlier does not cover them (a
-    poll then makes its own round trip).
+    Called after the deliveries came in (their ``_Held.received`` is earlier): a barrier
+    sent before does not cover them, and a poll then makes its own round trip.
     """
-    _last_receipt[0] = (os.getpid(), time.monotonic())
     for sub in list(_REVOKE_SUBSCRIBERS):
         sub.kick()
 
@@ -949,12 +947,13 @@ def _dead_letter_of(got: Incoming) -> DeadLetter:
 
 
 class _Held:
-    __slots__ = ("acked", "count", "gen", "incoming", "message", "ours", "queue")
+    __slots__ = ("acked", "count", "gen", "incoming", "message", "ours", "queue", "received")
 
     def __init__(self, incoming: Incoming, message: Message, ours: dict[str, Any], queue: str,
-                 count: int, gen: int) -> None:
+                 count: int, gen: int, received: float) -> None:
         self.incoming, self.message, self.ours = incoming, message, ours
         self.queue, self.count, self.gen = queue, count, gen
+        self.received = received  # monotonic: when it came in (before its barrier was sent)
         self.acked = False
 
 
@@ -987,6 +986,7 @@ class AMQPConsumer(Consumer):
         self._per_task: float | None = None  # seconds per delivery handed out (moving avg)
         self._handed: tuple[float, int] | None = None  # (when, how many) the last fetch gave
         self._read_ahead_ok: bool | None = None  # no priority queues among ours
+        self._pid = os.getpid()
         _CONSUMERS[consumer_id] = self
 
     # -- connection ------------------------------------------------------------------------------
@@ -1102,9 +1102,10 @@ class AMQPConsumer(Consumer):
             return
         got = list(ch.deliveries)
         ch.deliveries.clear()
+        received = time.monotonic()
         _received()
         try:
-            self._absorb(got, self._tags, ch)
+            self._absorb(got, self._tags, ch, received)
         except (ConnectionLost, ChannelClosed, TimeoutError) as exc:
             log.warning("consumer %s: %s", self.consumer_id, exc)
             self._lost()
@@ -1130,11 +1131,18 @@ class AMQPConsumer(Consumer):
                 while self._waiting and self._waiting[0][0] <= now + EARLY_SLACK:
                     self._ready.append(heapq.heappop(self._waiting)[3])
             out: list[Delivery] = []
+            latest = 0.0
             while self._ready and len(out) < max_count:
                 h = self._ready.popleft()
                 tag = f"{h.gen}:{h.incoming.delivery_tag}"
                 self._held[tag] = h
                 out.append(Delivery(h.message, h.queue, tag, h.count))
+                latest = max(latest, h.received)
+            if out:
+                pid, before = _handed_receipt[0]
+                if pid != self._pid:
+                    before = 0.0  # (inherited from the process this one was forked from)
+                _handed_receipt[0] = (self._pid, max(latest, before))
             return out
 
     def _round_trip(self, max_count: int, deadline: float) -> bool:
@@ -1194,6 +1202,7 @@ class AMQPConsumer(Consumer):
             while True:
                 if got:
                     received += len(got)
+                    stamp = time.monotonic()
                     for inc in got:
                         if inc.consumer_tag in expected:
                             expected[inc.consumer_tag] -= 1
@@ -1202,7 +1211,7 @@ class AMQPConsumer(Consumer):
                         # now, before these are decoded (its reply overlaps that).
                         _received()
                         kicked = received
-                    useful += self._absorb(got, self._tags, ch)
+                    useful += self._absorb(got, self._tags, ch, stamp)
                     got.clear()
                 if useful >= target or self._ready_count() >= target:
                     break
@@ -1240,9 +1249,10 @@ class AMQPConsumer(Consumer):
             for _ in tags:
                 ch._expect([wire.BASIC_CANCEL_OK])
             if got:
-                useful += self._absorb(got, self._tags, ch)
-                got.clear()
+                stamp = time.monotonic()
                 _received()
+                useful += self._absorb(got, self._tags, ch, stamp)
+                got.clear()
             return bool(useful) or bool(self._ready)
         finally:
             ch.on_delivery = None
@@ -1255,8 +1265,13 @@ class AMQPConsumer(Consumer):
     def _next_due(self) -> float | None:
         return self._waiting[0][0] if self._waiting else None
 
-    def _absorb(self, got: list[Incoming], tags: dict[str, str], ch: Channel) -> int:
-        """Turn raw deliveries into held messages; returns how many are ready to hand out."""
+    def _absorb(self, got: list[Incoming], tags: dict[str, str], ch: Channel,
+                received: float) -> int:
+        """Turn raw deliveries into held messages; returns how many are ready to hand out.
+
+        ``received``: when they came in (monotonic), taken before the revocation barrier
+        for them was sent.
+        """
         useful = 0
         gen = self._gen
         for inc in got:
@@ -1274,7 +1289,7 @@ class AMQPConsumer(Consumer):
                 if remaining > HOLD_WINDOW:
                     self._repark(ch, queue, inc, message, ours, float(due))
                     continue
-                h = _Held(inc, message, ours, queue, count, gen)
+                h = _Held(inc, message, ours, queue, count, gen, received)
                 _strip_delay(message, ours)
                 if remaining > EARLY_SLACK:
                     with self._lock:
@@ -1282,7 +1297,7 @@ class AMQPConsumer(Consumer):
                                        (float(due), -message.priority, next(self._seq), h))
                     continue
             else:
-                h = _Held(inc, message, ours, queue, count, gen)
+                h = _Held(inc, message, ours, queue, count, gen, received)
             with self._lock:
                 self._ready.append(h)
             useful += 1
@@ -1603,21 +1618,29 @@ class AMQPSubscriber(Subscriber):
     def _barrier(self, ch: Channel) -> None:
         """A round trip through our queue: whatever it had is delivered before the reply.
 
-        Revocations in a worker process: a barrier sent after the last deliveries of this
-        process came in, less than REVOKE_FRESH ago, is enough (no new round trip).
+        Revocations in a worker process: a barrier sent after every delivery this process
+        handed out had come in, less than REVOKE_FRESH ago, is enough (no new round trip).
+        The consumer sends one (``kick``) as deliveries come in; its reply is read here.
         """
-        kicked, self._kicked = self._kicked, None
-        if kicked is not None:
+        ch.conn.pump(0)  # what came in meanwhile (perhaps the reply to a kick)
+        if self._kicked is not None and any(r[0] == wire.QUEUE_DECLARE_OK for r in ch._replies):
             ch._expect([wire.QUEUE_DECLARE_OK])
-            self._synced = kicked
-        pid, receipt = _last_receipt[0]
-        now = time.monotonic()
-        if (self.channel == REVOKE_CHANNEL and pid == os.getpid()
-                and receipt <= self._synced and now - self._synced < REVOKE_FRESH):
-            ch.conn.pump(0)  # (whatever came in meanwhile)
-            return
+            self._synced, self._kicked = self._kicked, None
+        pid, receipt = _handed_receipt[0]
+        if self.channel == REVOKE_CHANNEL and pid == os.getpid():
+            if receipt <= self._synced and time.monotonic() - self._synced < REVOKE_FRESH:
+                return
+            if self._kicked is not None and self._kicked >= receipt:
+                ch._expect([wire.QUEUE_DECLARE_OK])  # that one covers them: its reply
+                self._synced, self._kicked = self._kicked, None
+                if time.monotonic() - self._synced < REVOKE_FRESH:
+                    return
+        if self._kicked is not None:
+            ch._expect([wire.QUEUE_DECLARE_OK])  # (an older one: out of the way first)
+            self._kicked = None
+        sent = time.monotonic()
         ch.queue_declare(self._queue, passive=True)
-        self._synced = now
+        self._synced = sent
 
     def _poll(self) -> list[dict[str, Any]]:
         ch = self._ch
