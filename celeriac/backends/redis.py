@@ -35,7 +35,12 @@ from celeriac.backends.base import (
     TaskMeta,
     Waiter,
 )
-from celeriac.brokers.redis_client import CONNECTION_ERRORS, RedisConnector, check_exec
+from celeriac.brokers.redis_client import (
+    CONNECTION_ERRORS,
+    RedisConnector,
+    check_exec,
+    own_connection,
+)
 from celeriac.exceptions import TimeoutError
 
 log = logging.getLogger("celeriac.redis")
@@ -118,7 +123,7 @@ class _Listener:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.conn = client.connection_pool.make_connection()
+        self.conn = own_connection(client)
         self.conn.connect()  # explicitly: a Sentinel-managed connection asks for the master
 
     def subscribe(self, channels: list[bytes]) -> None:

@@ -97,6 +97,17 @@ def _ssl_cert_reqs(value: Any) -> Any:
     return value
 
 
+def own_connection(client: redis.Redis) -> Any:
+    """A connection configured like the client's pool makes them, but not counted by it.
+
+    For connections held apart from the pool (lanes, pub/sub, blocking waits): the pool's
+    ``make_connection`` counts every connection it ever made against ``max_connections``
+    and never forgets one it did not get back.
+    """
+    pool = client.connection_pool
+    return pool.connection_class(**pool.connection_kwargs)
+
+
 def check_exec(reply: Any) -> None:
     """Raise the first error inside an ``EXEC`` reply (or for a discarded transaction)."""
     if reply is None:
@@ -298,8 +309,7 @@ class RedisConnector:
 
     def connection(self) -> Any:
         """A raw connection of its own (for blocking commands); the caller disconnects it."""
-        pool = self.client.connection_pool
-        return pool.make_connection()
+        return own_connection(self.client)
 
     def on_connection_error(self, exc: BaseException) -> None:
         """Note a connection error; with several URLs, move to the next one."""
@@ -361,7 +371,7 @@ class RedisConnector:
         if conn is None or local.client is not client or local.forks != _FORKS[0]:
             if conn is not None and local.forks == _FORKS[0]:
                 conn.disconnect()  # the client changed (failover, close): renew
-            conn = client.connection_pool.make_connection()
+            conn = own_connection(client)
             local.conn, local.client, local.forks = conn, client, _FORKS[0]
             with self._lock:
                 self._lanes.add(conn)  # weakly: a lane dies (and closes) with its thread
