@@ -149,6 +149,7 @@ def drain(worker: Worker, counter: Counter, n: int, timeout: float) -> dict[str,
     rabbit = rabbitmq_process()
     rabbit_cpu0 = cpu_seconds([rabbit]) if rabbit is not None else 0.0
     tree: list[psutil.Process] = []
+    tree_at = 0.0
     while True:
         time.sleep(0.01)
         worker.check()
@@ -158,8 +159,11 @@ def drain(worker: Worker, counter: Counter, n: int, timeout: float) -> dict[str,
         done = counter.depth(REPLIES)
         if t_first is None and done:
             t_first = now
-        if done < n:
-            tree = worker_tree(worker) or tree  # (its children, while they live)
+        if done < n and now - tree_at > 0.5:
+            # Its children, while they live (not every 10 ms: reading /proc costs CPU that
+            # the worker and RabbitMQ share).
+            tree = worker_tree(worker) or tree
+            tree_at = now
         if done >= n:
             t_done = now
             t_empty = t_empty or now
