@@ -1060,6 +1060,7 @@ class RedisConsumer(Consumer):
         self._tag = 0
         self._held: set[str] = set()
         self._acks: list[str] = []  # acked by ack_soon, not sent yet
+        self._acks_lock = threading.Lock()  # a flusher thread may ack while the loop fetches
         self._suspect = False  # a fetch failed after it may have run: reconcile
         self._rotation = 0
         self._woken = False
@@ -1093,7 +1094,8 @@ class RedisConsumer(Consumer):
         self._tag += max_count  # spent even if the reply is lost, so tags never repeat
         now = time.monotonic()
         register = now >= self._register_at
-        acks = list(self._acks)
+        with self._acks_lock:
+            acks = list(self._acks)
         args = [max_count, base, repr(time.time()), len(self.queues), self.consumer_id,
                 self._info if register else "", *acks]
         reply = self.broker.connector.run_script(FETCH, keys, args)
@@ -1101,7 +1103,7 @@ class RedisConsumer(Consumer):
             self._register_at = now + REGISTER_EVERY
         if acks:
             self._held.difference_update(acks)
-            del self._acks[:len(acks)]
+            self._forget_acks(acks)
         if not reply:
             return [], None
         if reply[0] == -1:
@@ -1236,7 +1238,8 @@ class RedisConsumer(Consumer):
         self._ack_tags([d.tag for d in deliveries], None)
 
     def _ack_tags(self, tags: list[str], attempts: int | None) -> None:
-        pending = list(self._acks)  # ack_soon's, sent along
+        with self._acks_lock:
+            pending = list(self._acks)  # ack_soon's, sent along
         tags = tags + pending
         if not tags:
             return
@@ -1245,11 +1248,21 @@ class RedisConsumer(Consumer):
                           attempts=attempts, deadline=time.monotonic() + 600)
         self._held.difference_update(tags)
         if pending:
-            del self._acks[:len(pending)]
+            self._forget_acks(pending)
 
     def ack_soon(self, deliveries: Sequence[Delivery]) -> None:
         # Sent with the next fetch (its script deletes them first), or by ack()/close().
-        self._acks.extend(d.tag for d in deliveries)
+        with self._acks_lock:
+            self._acks.extend(d.tag for d in deliveries)
+
+    def _forget_acks(self, sent: list[str]) -> None:
+        """Drop the tags just acked from those waiting (others may have been added)."""
+        with self._acks_lock:
+            if self._acks[:len(sent)] == sent:
+                del self._acks[:len(sent)]
+            else:  # another thread sent some of them meanwhile
+                done = set(sent)
+                self._acks = [t for t in self._acks if t not in done]
 
     def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:
         if not deliveries:
