@@ -414,8 +414,11 @@ class Task(Generic[P, R]):
                 sig.options.pop(key)
         for callback in request.callbacks or ():
             finisher.link(maybe_signature(callback, self.app))
+        # Errbacks on every step, as Celery's chain.link_error does: any step may fail.
+        steps = sig.tasks if isinstance(sig, chain) else [sig]
         for errback in request.errbacks or ():
-            finisher.link_error(maybe_signature(errback, self.app))
+            for step in steps:
+                step.link_error(maybe_signature(errback, self.app, clone=True))
         sig.freeze(request.id, root_id=request.root_id, parent_id=request.parent_id)
         membership = {k: v for k, v in (("group_id", request.group),
                                         ("group_index", request.group_index),

@@ -460,13 +460,20 @@ def test_task_replace(runner: str) -> None:
     steps = chain(t.add.s(1, 1), t.replaced_by.s(kind="chain"), t.add.s(5)).delay()
     assert steps.get(timeout=WAIT) == 35
     # A callback of the replaced task is called with the replacement's result.
-    probe = str(uuid.uuid4())
-    t.replaced_by.apply_async((1,), link=t.identity.s().set(task_id=probe))
-    assert AsyncResult(probe, app=t.app).get(timeout=WAIT) == 101
+    linked = str(uuid.uuid4())
+    t.replaced_by.apply_async((1,), link=t.identity.s().set(task_id=linked))
+    assert AsyncResult(linked, app=t.app).get(timeout=WAIT) == 101
     # A chord waits for the replacement of a header member, in the member's place.
     body = chord([t.replaced_by.s(1), t.replaced_by.s(3, kind="group"), t.add.s(1, 1)],
                  t.identity.s()).delay()
     assert body.get(timeout=WAIT) == [101, [4, 5], 2]
+    # An errback of the replaced task hears of a failure in any step of the replacement.
+    seen = probe()
+    failing = t.replaced_by.apply_async((7,), {"kind": "failing-chain"},
+                                        link_error=t.on_error_full.s(seen))
+    with pytest.raises(t.CanvasError, match="replaced 7"):
+        failing.get(timeout=WAIT)
+    assert AsyncResult(seen, app=t.app).get(timeout=WAIT)["exc"] == "replaced 7"
     # Run eagerly, replace returns the replacement's result.
     assert t.replaced_by.apply((2,), {"kind": "chain"}).get() == 30
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from celeriac import states
@@ -343,6 +344,46 @@ def test_app_module_that_fails_to_import(tmp_path: Path) -> None:
     (tmp_path / "bad_import_module.py").write_text("import a_dependency_that_is_missing\n")
     proc = run("-A", "bad_import_module", "call", "x", cwd=tmp_path)
     one_line_error(proc, "cannot import 'a_dependency_that_is_missing'")
+
+
+@pytest.mark.parametrize("script", [False, True])
+def test_worker_errors_are_one_line(tmp_path: Path, db_url: str, script: bool) -> None:
+    # The worker command runs in the process it execs into (celeriac.worker): its errors
+    # read as the other commands' do.
+    (tmp_path / "broken_app_module.py").write_text(
+        "from celeriac import Celery\napp = Celery('x')\nraise RuntimeError('module is broken')\n")
+    one_line_error(run("-A", "broken_app_module", "worker", cwd=tmp_path, script=script),
+                   "RuntimeError: module is broken", "broken_app_module.py:3")
+    one_line_error(run("-A", "no_such_module", "worker", cwd=tmp_path, script=script),
+                   "cannot import 'no_such_module'")
+    one_line_error(run("-A", "tests.apps.api", "-b", "nope://x", "worker", cwd=tmp_path,
+                       script=script), "nope://x")
+    # A bad option is a usage error, checked before the exec: click's usage lines + error.
+    bad = run("-A", "tests.apps.api", "-b", db_url, "worker", "-l", "LOUD", cwd=tmp_path,
+              script=script)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "Error: Invalid value for -l/--loglevel: unknown log level 'LOUD'" in bad.stderr
+
+
+def test_the_worker_keeps_the_interpreters_flags(tmp_path: Path, db_url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CELERIAC_WORKER_OPTIONS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-X", "dev", "-m", "celeriac", "-A", "tests.apps.api", "-b",
+         db_url, "worker", "-c", "1"], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def execd() -> list[str] | None:
+            cmdline = psutil.Process(proc.pid).cmdline()
+            return cmdline if "celeriac.worker" in cmdline else None
+
+        cmdline = wait_for(execd, 20, message="the worker to exec into celeriac.worker")
+        assert isinstance(cmdline, list)
+        assert "-u" in cmdline and "dev" in cmdline
+        assert cmdline[-5:] == ["-b", db_url, "worker", "-c", "1"]  # what ps shows
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def test_unexpected_errors_are_one_line_unless_asked(tmp_path: Path, db_url: str) -> None:

@@ -265,9 +265,18 @@ def deadletters_purge(ctx: click.Context, ids: Sequence[str], purge_all: bool) -
     click.echo(f"Deleted {count} dead letter(s).")
 
 
+def _is_the_command() -> bool:
+    """True when this process is ``celeriac ...`` or ``python -m celeriac ...``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name in ("celeriac", "celeriac.__main__"):
+        return True
+    return os.path.basename(sys.argv[0]) in ("celeriac", "celeriac.exe")
+
+
 def main(argv: Sequence[str] | None = None, obj: Celery | None = None) -> None:
-    # Only a real command line (not an embedding caller) may replace its process.
+    # Only the command itself (not a script or program calling main()) may replace its
+    # process: a caller's own setup would be lost.
     extra: dict[str, Any] = {"app_instance": obj} if obj is not None else {
-        "may_exec": argv is None}
+        "may_exec": argv is None and _is_the_command()}
     cli.main(args=list(argv) if argv is not None else None, prog_name="celeriac",
              obj=extra)

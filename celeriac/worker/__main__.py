@@ -20,11 +20,29 @@ OPTIONS_ENV = "CELERIAC_WORKER_OPTIONS"
 
 def exec_worker(options: dict[str, Any], shown_args: list[str]) -> None:
     """Replace this process with a lean worker running ``options`` (never returns)."""
+    # The interpreter's own flags (-u, -O, -X dev, -W ...) carry over, as multiprocessing
+    # passes them to the interpreters it starts.
+    from subprocess import _args_from_interpreter_flags  # type: ignore[attr-defined]
+
     env = dict(os.environ)
     env[OPTIONS_ENV] = json.dumps(options)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "celeriac.worker", *shown_args], env)
+    flags = _args_from_interpreter_flags()
+    if "-u" in _interpreter_options():  # not among the flags that function knows
+        flags.append("-u")
+    argv = [sys.executable, *flags, "-m", "celeriac.worker", *shown_args]
+    os.execve(sys.executable, argv, env)
+
+
+def _interpreter_options() -> list[str]:
+    """The options given to the interpreter itself (before ``-m``/``-c`` or the script)."""
+    options: list[str] = []
+    for arg in sys.orig_argv[1:]:
+        if arg in ("-m", "-c") or not arg.startswith("-"):
+            break
+        options.append(arg)
+    return options
 
 
 def setup_logging(app: Any, level: str) -> None:
@@ -59,6 +77,9 @@ def main() -> None:
         sys.exit(2)
     try:
         code = run(json.loads(raw))
+    except KeyboardInterrupt:  # before the supervisor's own handlers are in place
+        sys.stderr.write("Aborted!\n")
+        sys.exit(1)
     except Exception as exc:
         from celeriac.cli.appspec import one_line
 

@@ -279,13 +279,16 @@ class ChildWorker:
                 if self._flush_at is None:
                     self._flush_at = time.monotonic() + wait
             return
-        with self._done_lock:
-            rest = list(self._queued)
-            self._queued.clear()
-        if rest:
-            with self._settle_lock:
+        # The settle lock first, and held while rejecting: the loop cannot get past its
+        # _flush() to the next fetch meanwhile (one thread on the consumer at a time).
+        with self._settle_lock:
+            with self._done_lock:
+                rest = list(self._queued)
+                self._queued.clear()
+            if rest:
                 consumer.reject(rest, requeue=True)
-            log.debug("Gave back %d prefetched message(s) while a task runs long", len(rest))
+                log.debug("Gave back %d prefetched message(s) while a task runs long",
+                          len(rest))
 
     def _stop_flusher(self) -> None:
         with self._flush_cond:

@@ -98,6 +98,8 @@ def replaced_by(self: Task[Any, Any], value: int, kind: str = "task") -> Any:
         return self.replace(add.s(value, 100))
     if kind == "chain":
         return self.replace(chain(add.s(value, 1), mul.s(10)))
+    if kind == "failing-chain":
+        return self.replace(chain(fail.si(f"replaced {value}"), add.s(1)))
     if kind == "group":
         return self.replace(group(add.s(value, 1), add.s(value, 2)))
     raise ValueError(kind)
