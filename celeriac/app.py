@@ -430,13 +430,26 @@ class Celery:
                         queue = found
                     break
         specs = self._queue_specs()
-        if (exchange is None and routing_key is None and exchange_type is None and not specs
-                and (queue is None or isinstance(queue, str))):
+        plain = exchange is None and routing_key is None and exchange_type is None and (
+            queue is None or isinstance(queue, str))
+        if plain and not specs:
             return queue or str(conf["task_default_queue"]), None  # the common case
+        default_queue = str(conf["task_default_queue"])
+        default_key = conf.get("task_default_routing_key")
+        if plain:  # by queue name alone: the same answer every time for this task_queues
+            cache = self.__dict__["_queue_specs_cache"][2]
+            key = (queue, default_queue, default_key)
+            found = cache.get(key)
+            if found is not None:
+                return found
         from celeriac.brokers.amqp_routing import destination
 
-        return destination(specs, queue, exchange, routing_key, exchange_type,
-                           str(conf["task_default_queue"]), conf.get("task_default_routing_key"))
+        if plain:
+            found = cache[key] = destination(specs, queue, None, None, None, default_queue,
+                                             default_key)
+            return found
+        return destination(specs, queue, exchange, routing_key, exchange_type, default_queue,
+                           default_key)
 
     def _queue_specs(self) -> dict[str, dict[str, Any]]:
         """``task_queues`` by name (parsed once per value)."""
@@ -447,7 +460,8 @@ class Celery:
         if cached is None or cached[0] is not queues:
             from celeriac.brokers.amqp_routing import specs_by_name
 
-            cached = self.__dict__["_queue_specs_cache"] = (queues, specs_by_name(queues))
+            # (the value it was parsed from, the specs, destinations by queue name)
+            cached = self.__dict__["_queue_specs_cache"] = (queues, specs_by_name(queues), {})
         specs: dict[str, dict[str, Any]] = cached[1]
         return specs
 
