@@ -227,6 +227,52 @@ def test_a_fetch_whose_reply_was_lost_is_given_back(broker: RedisBroker) -> None
     assert broker.queue_size("q") == 0
 
 
+def inflight(broker: RedisBroker, consumer: RedisConsumer) -> int:
+    return int(broker.connector.client.hlen(consumer.inflight))
+
+
+def test_acks_after_results_ride_with_the_next_fetches(broker: RedisBroker) -> None:
+    """ack_after: the finisher runs inside the next fetch, the acks go with the one after;
+    close() runs what is still pending, so nothing finished is given back."""
+    broker.publish("q", [Message({"n": n}, {}, b"") for n in range(6)])
+    consumer = broker.consumer(["q"])
+    assert isinstance(consumer, RedisConsumer)
+    first = consumer.fetch(2, 5)
+    finished: list[int] = []
+
+    def finish() -> None:  # a result store's finisher: its messages are still held
+        finished.append(inflight(broker, consumer))
+
+    consumer.ack_after(finish, first)
+    assert finished == [] and inflight(broker, consumer) == 2
+    second = consumer.fetch(2, 5)
+    # It ran during the fetch: after the fetch script (which took two more) was sent,
+    # before its reply was read; the first batch was still held.
+    assert finished == [4]
+    assert [d.message.headers["n"] for d in second] == [2, 3]
+    assert inflight(broker, consumer) == 4  # the first batch's acks wait for the next fetch
+    consumer.ack_soon(second)
+    third = consumer.fetch(2, 5)
+    assert [d.message.headers["n"] for d in third] == [4, 5]
+    assert inflight(broker, consumer) == 2  # both earlier batches acked with this fetch
+    consumer.ack_after(finish, third)
+    consumer.close()
+    assert finished == [4, 2]  # close() ran it, then acked
+    assert inflight(broker, consumer) == 0 and broker.queue_size("q") == 0
+
+
+def test_acks_kept_for_later_are_sent_before_a_consumer_waits(broker: RedisBroker) -> None:
+    broker.publish("q", [Message({"n": 1}, {}, b"")])
+    consumer = broker.consumer(["q"])
+    assert isinstance(consumer, RedisConsumer)
+    got = consumer.fetch(4, 5)
+    consumer.ack_soon(got)
+    assert consumer.fetch(4, 0.05) == []  # the empty fetch carried the ack before waiting
+    assert inflight(broker, consumer) == 0
+    consumer.close()
+    assert broker.queue_size("q") == 0
+
+
 # -- outages -----------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,15 @@ class ResultBackend(ABC):
                 [(TASK_KEY_PREFIX + m["task_id"], m["status"], self.encode(m)) for m in metas],
                 self.expires,
             )
+
+    def store_soon(self, metas: Sequence[TaskMeta]) -> Callable[[], None] | None:
+        """Start storing documents; returns a function that finishes (it returns once they
+        are stored), or None when they are stored already. The finisher must be called from
+        the same thread before that thread uses this backend again; meanwhile the thread
+        may do one round trip elsewhere (a worker fetches its next batch), so both overlap.
+        Default: store now."""
+        self.store(metas)
+        return None
 
     def get(self, task_id: str) -> TaskMeta | None:
         data = self._fetch([TASK_KEY_PREFIX + task_id])[0]

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -180,21 +180,49 @@ class RedisBackend(ResultBackend):
 
     # -- primitives --------------------------------------------------------------------
 
-    def _put(self, items: Sequence[tuple[str, str, bytes]], ttl: float | None) -> None:
+    def _writes(self, chunk: Sequence[tuple[str, str, bytes]], ttl: float | None
+                ) -> list[tuple[Any, ...]]:
+        """MULTI, SET + PUBLISH each, EXEC: sent in one write on the lane."""
         prefix = self.prefix
         px = max(1, int(ttl * 1000)) if ttl else None
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        for key, _status, doc in chunk:
+            name = prefix + key
+            commands.append(("SET", name, doc, "PX", px) if px else ("SET", name, doc))
+            commands.append(("PUBLISH", name, doc))
+        commands.append(("EXEC",))
+        return commands
 
+    def store_soon(self, metas: Sequence[TaskMeta]) -> Callable[[], None] | None:
+        if not metas:
+            return None
+        items = [(TASK_KEY_PREFIX + m["task_id"], m["status"], self.encode(m)) for m in metas]
+        if len(items) > _CHUNK:
+            self._put(items, self.expires)
+            return None
+        commands = self._writes(items, self.expires)
+        connector = self.connector
+        try:
+            connector.send(commands)
+        except CONNECTION_ERRORS as exc:
+            connector.on_connection_error(exc)
+            self._put(items, self.expires)  # retried as store() retries
+            return None
+
+        def finish() -> None:
+            try:
+                check_exec(connector.receive(len(commands))[-1])
+            except CONNECTION_ERRORS as exc:
+                connector.on_connection_error(exc)
+                self._put(items, self.expires)  # idempotent: written again until stored
+
+        return finish
+
+    def _put(self, items: Sequence[tuple[str, str, bytes]], ttl: float | None) -> None:
         execute = self.connector.execute
 
         def write(client: redis.Redis, chunk: Sequence[tuple[str, str, bytes]]) -> None:
-            # MULTI, SET + PUBLISH each, EXEC: in one write on the lane (see RedisConnector).
-            commands: list[tuple[Any, ...]] = [("MULTI",)]
-            for key, _status, doc in chunk:
-                name = prefix + key
-                commands.append(("SET", name, doc, "PX", px) if px else ("SET", name, doc))
-                commands.append(("PUBLISH", name, doc))
-            commands.append(("EXEC",))
-            check_exec(execute(commands)[-1])
+            check_exec(execute(self._writes(chunk, ttl))[-1])
 
         for start in range(0, len(items), _CHUNK):
             chunk = items[start:start + _CHUNK]

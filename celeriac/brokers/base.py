@@ -9,7 +9,7 @@ import os
 import socket
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,15 @@ class Consumer(ABC):
         consumer: if it dies first they are given back (and may run again). Default: ack
         now."""
         self.ack(deliveries)
+
+    def ack_after(self, finish: Callable[[], None], deliveries: Sequence[Delivery]) -> None:
+        """``ack_soon`` the deliveries once ``finish()`` (a result store's finisher, see
+        ``ResultBackend.store_soon``) returned. A broker may call ``finish`` inside its next
+        ``fetch`` of this thread, between sending and reading (the two round trips then
+        overlap), and calls it at the latest in that ``fetch`` or in ``close``. Default:
+        now."""
+        finish()
+        self.ack_soon(deliveries)
 
     @abstractmethod
     def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:

@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -1061,6 +1061,8 @@ class RedisConsumer(Consumer):
         self._held: set[str] = set()
         self._acks: list[str] = []  # acked by ack_soon, not sent yet
         self._acks_lock = threading.Lock()  # a flusher thread may ack while the loop fetches
+        # ack_after's (finisher, tags): run inside the next fetch's round trip.
+        self._after: tuple[Callable[[], None], list[str]] | None = None
         self._suspect = False  # a fetch failed after it may have run: reconcile
         self._rotation = 0
         self._woken = False
@@ -1098,7 +1100,26 @@ class RedisConsumer(Consumer):
             acks = list(self._acks)
         args = [max_count, base, repr(time.time()), len(self.queues), self.consumer_id,
                 self._info if register else "", *acks]
-        reply = self.broker.connector.run_script(FETCH, keys, args)
+        connector = self.broker.connector
+        after, self._after = self._after, None
+        if after is None:
+            reply = connector.run_script(FETCH, keys, args)
+        else:
+            # The last batch's results are on their way on the backend's connection: send
+            # the fetch too, let the results finish, then read the fetch. Two round trips
+            # overlap; the batch's acks ride with the fetch after this one.
+            try:
+                connector.send([connector.script_command(FETCH, keys, args)])
+            except BaseException:
+                self._finish(after)
+                raise
+            try:
+                self._finish(after)
+            finally:
+                try:
+                    reply = connector.receive(1)[0]
+                except redis.exceptions.NoScriptError:
+                    reply = connector.run_script(FETCH, keys, args)
         if register:
             self._register_at = now + REGISTER_EVERY
         if acks:
@@ -1127,13 +1148,16 @@ class RedisConsumer(Consumer):
     def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
         max_count = min(max_count, _MAX_BATCH)
-        if max_count <= 0 and self._acks:
-            self._ack_tags([], None)  # no fetch script to carry them
+        if max_count <= 0:
+            self._finish_pending()
+            if self._acks:
+                self._ack_tags([], None)  # no fetch script to carry them
         while True:
             due: float | None = None
             if max_count > 0:
                 try:
                     if self._suspect:
+                        self._finish_pending()
                         self._reconcile()
                     found, due = self._fetch_once(max_count)
                     self._backoff = 0.0
@@ -1250,6 +1274,22 @@ class RedisConsumer(Consumer):
         if pending:
             self._forget_acks(pending)
 
+    def ack_after(self, finish: Callable[[], None], deliveries: Sequence[Delivery]) -> None:
+        self._finish_pending()  # (there is none: fetch or close ran it)
+        self._after = (finish, [d.tag for d in deliveries])
+
+    def _finish(self, after: tuple[Callable[[], None], list[str]]) -> None:
+        finish, tags = after
+        finish()
+        if tags:
+            with self._acks_lock:
+                self._acks.extend(tags)
+
+    def _finish_pending(self) -> None:
+        after, self._after = self._after, None
+        if after is not None:
+            self._finish(after)
+
     def ack_soon(self, deliveries: Sequence[Delivery]) -> None:
         # Sent with the next fetch (its script deletes them first), or by ack()/close().
         with self._acks_lock:
@@ -1298,6 +1338,7 @@ class RedisConsumer(Consumer):
             return
         self._closed = True
         try:
+            self._finish_pending()
             if self._acks:
                 self._ack_tags([], 10)  # what ack_soon kept must not be given back
             self.broker._give_back(self.consumer_id, None, True, attempts=10)

@@ -385,6 +385,12 @@ class RedisConnector:
         ``EXEC`` reply errors are left in the list. A connection error closes the lane
         connection (the next call opens a new one) and propagates.
         """
+        self.send(commands)
+        return self.receive(len(commands))
+
+    def send(self, commands: list[tuple[Any, ...]]) -> None:
+        """The first half of ``execute``: this thread must ``receive`` their replies next
+        (before anything else uses its lane), or the lane is out of step."""
         conn = self._lane()
         if conn._sock is None:
             # Explicitly: a connection's lazy connect in send skips what Sentinel-managed
@@ -396,9 +402,13 @@ class RedisConnector:
         except TypeError as exc:
             raise redis.exceptions.DataError(str(exc)) from None
         conn.send_packed_command([data])
+
+    def receive(self, count: int) -> list[Any]:
+        """The replies to the ``count`` commands this thread sent last (see ``send``)."""
+        conn = self._local.conn
         out: list[Any] = []
         error: BaseException | None = None
-        for _ in commands:
+        for _ in range(count):
             try:
                 out.append(conn.read_response())
             except redis.exceptions.ResponseError as exc:

@@ -323,13 +323,19 @@ class ChildWorker:
                 requeues.append(delivery)
             elif settlement.action == PARKED:
                 consumer.park(delivery, settlement.park_until)
+        if soon and not requeues:
+            # The results go out now; the consumer reads their reply during its next
+            # fetch's round trip (the two overlap) and acks after the results are stored.
+            finish = backend.store_soon(metas) if metas else None
+            if finish is not None:
+                consumer.ack_after(finish, acks)
+            elif acks:
+                consumer.ack_soon(acks)
+            return
         if metas:
             backend.store(metas)
         if acks:
-            if soon:
-                consumer.ack_soon(acks)
-            else:
-                consumer.ack(acks)
+            consumer.ack(acks)
         if requeues:
             consumer.reject(requeues, requeue=True)
 
