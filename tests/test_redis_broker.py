@@ -315,12 +315,16 @@ def test_recovery_waits_after_a_redis_restart(tmp_path: Path) -> None:
         broker.publish("q", [Message({"n": 1}, {}, b"")])
         consumer = broker.consumer(["q"])
         assert len(consumer.fetch(1, 5)) == 1
-        time.sleep(1.2)  # the consumer stays silent for longer than the timeout below
+        # The consumer stays silent for longer than the timeout below (3 s: a restart on a
+        # loaded machine can take over a second, and the first check must come before the
+        # new server has been up that long).
+        time.sleep(3.2)
         server.restart()
         fresh = RedisBroker(server.url)
-        assert fresh.recover_stale(1.0) == 0  # the server has been up for less than 1 s
-        wait_for(lambda: fresh.connector.server_uptime() >= 1, 5, 0.1, "an uptime of 1 s")
-        assert fresh.recover_stale(1.0) == 1
+        assert fresh.connector.server_uptime() < 3.0
+        assert fresh.recover_stale(3.0) == 0  # the server has been up for less than 3 s
+        wait_for(lambda: fresh.connector.server_uptime() >= 3, 10, 0.1, "an uptime of 3 s")
+        assert fresh.recover_stale(3.0) == 1
         fresh.close()
         broker.close()
     finally:

@@ -1280,7 +1280,12 @@ class RedisConsumer(Consumer):
 
     def _finish(self, after: tuple[Callable[[], None], list[str]]) -> None:
         finish, tags = after
-        finish()
+        try:
+            finish()
+        except CONNECTION_ERRORS as exc:
+            # The results could not be stored (their retries ran out): not a fetch error to
+            # retry past, but what a failed store() raised before: the worker loop stops.
+            raise RuntimeError(f"could not store the results of a batch: {exc!r}") from exc
         if tags:
             with self._acks_lock:
                 self._acks.extend(tags)
