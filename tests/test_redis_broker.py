@@ -261,14 +261,26 @@ def test_acks_after_results_ride_with_the_next_fetches(broker: RedisBroker) -> N
     assert inflight(broker, consumer) == 0 and broker.queue_size("q") == 0
 
 
-def test_acks_kept_for_later_are_sent_before_a_consumer_waits(broker: RedisBroker) -> None:
-    broker.publish("q", [Message({"n": 1}, {}, b"")])
+@pytest.mark.parametrize("how", ["ack_soon", "ack_after"])
+def test_acks_kept_for_later_are_sent_before_a_consumer_waits(broker: RedisBroker,
+                                                              how: str) -> None:
     consumer = broker.consumer(["q"])
     assert isinstance(consumer, RedisConsumer)
+    assert consumer.fetch(4, 0.05) == []  # its waiter is set up: the next empty fetch waits
+    broker.publish("q", [Message({"n": 1}, {}, b"")])
     got = consumer.fetch(4, 5)
-    consumer.ack_soon(got)
-    assert consumer.fetch(4, 0.05) == []  # the empty fetch carried the ack before waiting
-    assert inflight(broker, consumer) == 0
+    consumer.fetch(4, 0.1)  # reads the wake-up the publish caused; re-arms the wait
+    if how == "ack_soon":
+        consumer.ack_soon(got)
+    else:
+        consumer.ack_after(lambda: None, got)  # due only once the next fetch is under way
+    seen: list[int] = []
+    # While the empty fetch waits, the ack is already done.
+    timer = threading.Timer(0.3, lambda: seen.append(inflight(broker, consumer)))
+    timer.start()
+    assert consumer.fetch(4, 0.6) == []
+    timer.join()
+    assert seen == [0]
     consumer.close()
     assert broker.queue_size("q") == 0
 

@@ -1163,6 +1163,10 @@ class RedisConsumer(Consumer):
                     self._backoff = 0.0
                     if found:
                         return found
+                    if self._acks:
+                        # Acks that became due during this fetch (ack_after): not left
+                        # waiting while this consumer idles.
+                        self._ack_tags([], None)
                 except CONNECTION_ERRORS as exc:
                     self._on_error(exc, "fetch")
                     self._suspect = True
