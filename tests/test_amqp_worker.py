@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +142,65 @@ def test_warm_shutdown_leaves_nothing_behind(app: amqp_app.Celery, start_worker:
     results = [amqp_app.record.delay(str(log), f"k{i}") for i in range(20)]
     start_worker(app, "-c", "2", wait=False)
     assert sorted(r.get(timeout=30) for r in results) == sorted(f"k{i}" for i in range(20))
+
+
+
+
+def _burst(app: amqp_app.Celery, log: Path, release: Path) -> tuple[Any, list[Any]]:
+    """Short tasks, a gate (a task that waits for ``release``), then 100 short ones, all
+    queued while the worker is busy: the worker's consumer then reads the gate and the
+    short ones after it ahead (docs/amqp.md, section 3) and holds them while the gate
+    waits."""
+    opener = release.with_name(release.name + ".opener")
+    first = amqp_app.progress.delay(str(opener))
+    wait_for(lambda: first.state == "PROGRESS", 20, message="the first gate to run")
+    warm = [amqp_app.noop.delay() for _ in range(200)]
+    gate = amqp_app.progress.delay(str(release))
+    quick = [amqp_app.record.delay(str(log), f"r{i}") for i in range(100)]
+    opener.write_text("go")  # (the short tasks run; by the gate the consumer reads ahead)
+    assert first.get(timeout=30) == "done"
+    for r in warm:
+        r.get(timeout=30)
+    wait_for(lambda: gate.state == "PROGRESS", 20, message="the gate task to run")
+    # Held by the worker's consumer, not waiting in the queue:
+    assert app.broker.queue_size("celery") < 100
+    return gate, quick
+
+
+def test_revoking_a_task_held_in_the_read_ahead(app: amqp_app.Celery,
+                                                start_worker: StartWorker,
+                                                tmp_path: Path) -> None:
+    start_ready(start_worker, app, concurrency=1)
+    log, release = tmp_path / "runs.txt", tmp_path / "release"
+    gate, quick = _burst(app, log, release)
+    app.control.revoke(quick[50].id)
+    release.write_text("go")
+    assert gate.get(timeout=30) == "done"
+    with pytest.raises(TaskRevokedError):
+        quick[50].get(timeout=30)
+    for i, r in enumerate(quick):
+        if i != 50:
+            assert r.get(timeout=30) == f"r{i}"
+    runs = log.read_text().splitlines()
+    assert not any(line.startswith("run r50 ") for line in runs)
+
+
+def test_warm_shutdown_gives_back_the_read_ahead(app: amqp_app.Celery,
+                                                 start_worker: StartWorker,
+                                                 tmp_path: Path) -> None:
+    worker = start_ready(start_worker, app, concurrency=1)
+    log, release = tmp_path / "runs.txt", tmp_path / "release"
+    gate, quick = _burst(app, log, release)
+    # Warm shutdown while the consumer holds the short tasks it read ahead: the gate
+    # finishes, the others go back to the queue, and the next worker runs each once.
+    worker.signal(signal.SIGTERM)
+    wait_for(lambda: "Warm shutdown" in worker.log(), 20, message="the warm shutdown")
+    release.write_text("go")
+    assert worker.proc.wait(30) == 0, worker.log()  # (not stop(): a second TERM is cold)
+    assert gate.get(timeout=30) == "done"
+    assert app.broker.queue_size("celery") == 100, worker.log()
+    start_worker(app, "-c", "2", wait=False)
+    assert [r.get(timeout=30) for r in quick] == [f"r{i}" for i in range(100)]
+    runs = [line.split()[1] for line in log.read_text().splitlines()
+            if line.startswith("run ")]
+    assert sorted(runs) == sorted(f"r{i}" for i in range(100))
