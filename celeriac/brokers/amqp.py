@@ -1468,6 +1468,14 @@ class AMQPConsumer(Consumer):
             return
         self._closed = True
         try:
+            ch = self._ch
+            if ch is not None and ch.is_open:
+                # Stop deliveries before giving back (those on their way are absorbed): a
+                # consumer still subscribed is sent more, and on a quorum queue acks sent
+                # just before the connection closes may not be applied, so what it gave
+                # back would come back twice.
+                for tag in list(self._tags):
+                    ch.cancel(tag)
             self.recover(None, True)
             ch = self._ch
             if ch is not None and ch.is_open:
