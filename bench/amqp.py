@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
+from bench.drain import WorkerProc, percentile  # noqa: E402 (the worker, as drain.py runs it)
 from celeriac.brokers import amqp_client as wire  # noqa: E402
 
 HOST, PORT = "127.0.0.1", 5672
@@ -60,41 +60,6 @@ def log(msg: str, quiet: bool) -> None:
 
 def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-class Worker:
-    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.log_path = log_path
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def check(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited ({self.proc.returncode}):\n"
-                               + self.log_path.read_text(errors="replace")[-3000:])
-
-    def stop(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            self.proc.wait(5)
-        finally:
-            self._log.close()
 
 
 class Counter:
@@ -135,15 +100,7 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
-def worker_tree(worker: Worker) -> list[psutil.Process]:
-    try:
-        main = psutil.Process(worker.proc.pid)
-        return [main, *main.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def drain(worker: Worker, counter: Counter, n: int, timeout: float) -> dict[str, float]:
+def drain(worker: WorkerProc, counter: Counter, n: int, timeout: float) -> dict[str, float]:
     t0 = worker.started
     t_empty = t_first = None
     rabbit = rabbitmq_process()
@@ -162,7 +119,7 @@ def drain(worker: Worker, counter: Counter, n: int, timeout: float) -> dict[str,
         if done < n and now - tree_at > 0.5:
             # Its children, while they live (not every 10 ms: reading /proc costs CPU that
             # the worker and RabbitMQ share).
-            tree = worker_tree(worker) or tree
+            tree = worker.processes() or tree
             tree_at = now
         if done >= n:
             t_done = now
@@ -200,6 +157,20 @@ def new_vhost() -> str:
     return name
 
 
+def run_worker(name: str, cmd: list[str], env: dict[str, str], tmp: Path, counter: Counter,
+               task: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Start a worker on the filled queue: time its drain, then round trips on it idle."""
+    log(f"{name}: drain with worker -c {args.concurrency}", args.json)
+    worker = WorkerProc(cmd, env, ROOT, tmp / f"{name.lower()}-worker.log")
+    try:
+        out: dict[str, Any] = drain(worker, counter, args.tasks, args.timeout)
+        log(f"{name}: round trips", args.json)
+        out.update(round_trips(task, args.round_trips))
+        return out
+    finally:
+        worker.stop()
+
+
 def bench_celeriac(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from bench import celeriac_app
 
@@ -211,7 +182,6 @@ def bench_celeriac(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     app.conf.broker_url = url
     app.conf.result_backend = "rpc://"
     counter = Counter(url)
-    worker = None
     try:
         counter.declare_replies()
         celeriac_app.noop.apply_async(reply_to=REPLIES)  # connect and declare first
@@ -228,18 +198,13 @@ def bench_celeriac(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         out["enqueue_no_confirms_per_s"] = fast / (time.perf_counter() - t)
         app.broker.confirm_publish = True  # type: ignore[attr-defined]
         app.broker.purge("bench-unconfirmed")
-        log(f"celeriac: drain with worker -c {args.concurrency}", args.json)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "CELERIAC_BROKER_URL": url,
                "CELERIAC_RESULT_BACKEND": "rpc://"}
-        worker = Worker([sys.executable, "-m", "celeriac", "-A", "bench.celeriac_app", "-b",
-                         url, "worker", "-c", str(args.concurrency), "-l", "WARNING"], env,
-                        tmp / "celeriac-worker.log")
-        out.update(drain(worker, counter, args.tasks, args.timeout))
-        log("celeriac: round trips", args.json)
-        out.update(round_trips(celeriac_app.noop, args.round_trips))
+        out.update(run_worker("celeriac", [
+            sys.executable, "-m", "celeriac", "-A", "bench.celeriac_app", "-b", url, "worker",
+            "-c", str(args.concurrency), "-l", "WARNING"], env, tmp, counter,
+            celeriac_app.noop, args))
     finally:
-        if worker is not None:
-            worker.stop()
         counter.close()
         app.close()
         rabbitmqctl("delete_vhost", vhost)
@@ -261,7 +226,6 @@ def bench_celery(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     app.conf.result_backend_transport_options = {}
     out: dict[str, Any] = {"vhost": vhost}
     counter = Counter(url)
-    worker = None
     try:
         counter.declare_replies()
         celery_module.noop.apply_async(reply_to=REPLIES)
@@ -270,18 +234,13 @@ def bench_celery(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for _ in range(args.tasks - 1):
             celery_module.noop.apply_async(reply_to=REPLIES)
         out["enqueue_per_s"] = args.tasks / (time.perf_counter() - t)
-        log(f"Celery: drain with worker -c {args.concurrency}", args.json)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        worker = Worker([sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
-                         "-c", str(args.concurrency), "-l", "WARNING", "--without-gossip",
-                         "--without-mingle", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h"], env,
-                        tmp / "celery-worker.log")
-        out.update(drain(worker, counter, args.tasks, args.timeout))
-        log("Celery: round trips", args.json)
-        out.update(round_trips(celery_module.noop, args.round_trips))
+        out.update(run_worker("Celery", [
+            sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "-c",
+            str(args.concurrency), "-l", "WARNING", "--without-gossip", "--without-mingle",
+            "-n", f"bench-{uuid.uuid4().hex[:6]}@%h"], env, tmp, counter, celery_module.noop,
+            args))
     finally:
-        if worker is not None:
-            worker.stop()
         counter.close()
         app.close()
         rabbitmqctl("delete_vhost", vhost)
