@@ -169,15 +169,18 @@ class ChildWorker:
         with self._done_lock:
             self._queued.extend(batch)
         first = True
-        while True:
+        while self._queued:
+            # Checked outside the lock (the memory limit reads /proc); the flusher only
+            # ever empties the queue, which the pop below sees.
+            stop = self.stopping or self._limits_reached()
             with self._done_lock:
                 if not self._queued:
                     break
-                delivery = self._queued.popleft()
-                if self.stopping or self._limits_reached():
-                    rest = [delivery, *self._queued]
+                if stop:
+                    rest = list(self._queued)
                     self._queued.clear()
                 else:
+                    delivery = self._queued.popleft()
                     rest = []
             if rest:
                 with self._settle_lock:
