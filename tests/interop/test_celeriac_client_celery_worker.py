@@ -15,6 +15,7 @@ import pytest
 from celeriac import Celery, chain, chord, group
 from celeriac.exceptions import TaskRevokedError
 from tests.apps import interop_tasks as it
+from tests.conftest import wait_for
 from tests.interop.conftest import Interop
 
 Start = Callable[..., Any]
@@ -85,10 +86,11 @@ def test_expired_before_a_worker_starts(celeriac_app: Celery, interop: Interop,
 
 def test_revoke_reaches_celery_workers(celeriac_app: Celery, interop: Interop,
                                        celery_worker: Start) -> None:
-    celery_worker()
+    worker = celery_worker()
     doomed = it.record.apply_async((interop.dir, "rev", "doomed"), countdown=2)
     # The Celery worker holds it in memory until its ETA; a revoke must reach it there.
-    time.sleep(0.5)  # let the Celery worker receive it first: that is the case tested
+    wait_for(lambda: f"[{doomed.id}] received" in worker.log(), 10,
+             message="the Celery worker to receive the task first (the case tested)")
     doomed.revoke()
     after = it.record.apply_async((interop.dir, "rev", "after"), countdown=2.5)
     assert after.get(timeout=10) == "after"
