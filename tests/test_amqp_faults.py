@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +67,42 @@ def test_killed_child_running_acks_late_task_is_redelivered(start_worker: StartW
         assert r.get(timeout=60) == "victim"
         runs = starts(log, "victim")
         assert len(runs) == 2 and runs[1].split()[2] != str(pid)
+        assert worker.proc.poll() is None
+    finally:
+        app.close()
+
+
+def unsettled(vhost: str, queue: str) -> int:
+    """Messages in ``queue``, ready or delivered and not acked (rabbitmqctl: ~0.5 s)."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    for line in out.stdout.splitlines():
+        parts = line.split("\t")
+        if parts[0] == queue:
+            return int(parts[1])
+    raise AssertionError(f"no queue {queue!r} in {vhost}: {out.stdout!r}")
+
+
+def test_killed_child_running_early_ack_task_is_not_run_again(start_worker: StartWorker,
+                                                              tmp_path: Path) -> None:
+    """In a batch, a task's early ack may wait for the batch's acks; the child's flusher
+    sends it while the task still runs. Once sent, the child's death does not bring the
+    task back; the unstarted rest of the batch does come back."""
+    vhost = amqp_support.vhost()
+    app = bind_app(amqp_app.app, amqp_support.url(vhost), result_backend="rpc://")
+    log = tmp_path / "runs.txt"
+    try:
+        # Both queued before the worker starts: its first fetch takes them as one batch.
+        amqp_app.record_slow_early.delay(str(log), "victim", 30)
+        follower = amqp_app.record.delay(str(log), "follower")
+        worker = start_worker(app, "-c", "1", wait=False)
+        wait_for(lambda: starts(log, "victim"), 30, message="the task to start")
+        # The follower, handed out with it, is all that is left unsettled.
+        wait_for(lambda: unsettled(vhost, "celery") == 1, 20, interval=0.2,
+                 message="the running task's early ack")
+        os.kill(int(starts(log, "victim")[0].split()[2]), signal.SIGKILL)
+        assert follower.get(timeout=30) == "follower"
+        assert len(starts(log, "victim")) == 1
         assert worker.proc.poll() is None
     finally:
         app.close()

@@ -86,12 +86,20 @@ class Consumer(ABC):
     def wake(self) -> None:  # noqa: B027 - optional
         """Make a blocked ``fetch`` return early; safe from a signal handler or thread."""
 
+    # Set by a worker that calls ``ack_started`` while a task runs (its flusher thread):
+    # ``started`` may then leave its ack for later.
+    defer_started: bool = False
+
     def started(self, delivery: Delivery, requeue_if_lost: bool) -> None:  # noqa: B027
         """The delivery's task starts now (called from the thread that runs it).
 
         Brokers whose server takes back everything a dead consumer's connection held
-        (AMQP) ack here a message that must not run again if this process dies.
+        (AMQP) ack here a message that must not run again if this process dies (with
+        ``defer_started``: by the next ``ack``/``ack_started``).
         """
+
+    def ack_started(self) -> None:  # noqa: B027 - optional
+        """Send the acks ``started`` left for later (called while their tasks run)."""
 
     @abstractmethod
     def close(self) -> None:

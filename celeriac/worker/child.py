@@ -166,6 +166,11 @@ class ChildWorker:
 
     def _run_inline(self, batch: list[Delivery], handler: MessageHandler, consumer: Consumer,
                     backend: Any) -> None:
+        # Tasks run on this thread and the flusher watches them: in a batch, an early ack
+        # may wait for the batch's acks (one frame), or for the flusher if its task takes
+        # a while. A lone task's goes at its start: on RabbitMQ the publisher's confirm
+        # waits for it (a persistent message acked at once needs no fsync).
+        consumer.defer_started = len(batch) > 1
         with self._done_lock:
             self._queued.extend(batch)
         first = True
@@ -228,7 +233,8 @@ class ChildWorker:
 
     def _arm_flusher(self, consumer: Consumer, backend: Any) -> None:
         with self._flush_cond:
-            if self._flush_at is not None or not (self._done or self._queued):
+            if self._flush_at is not None or not (
+                    self._done or self._queued or consumer.defer_started):
                 return
             self._armed_at = now = time.monotonic()
             self._flush_at = now + FLUSH_AFTER
@@ -267,6 +273,8 @@ class ChildWorker:
                     return
             try:
                 self._flush(consumer, backend)
+                with self._settle_lock:
+                    consumer.ack_started()  # the running task's early ack, if left for later
                 self._release_if_slow(consumer)
             except Exception:  # the loop flushes again after the task; it will report
                 log.exception("Background flush failed")

@@ -73,6 +73,15 @@ def record_slow(path: str, key: str, seconds: float) -> str:
 
 
 @app.task
+def record_slow_early(path: str, key: str, seconds: float) -> str:
+    """``record_slow`` with an early ack (the default)."""
+    _record(path, f"start {key} {os.getpid()}")
+    time.sleep(seconds)
+    _record(path, f"end {key}")
+    return key
+
+
+@app.task
 def record(path: str, key: str) -> str:
     _record(path, f"run {key} {os.getpid()}")
     return key
