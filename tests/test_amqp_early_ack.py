@@ -86,8 +86,16 @@ def test_ack_started_acks_the_running_task(broker: AMQPBroker) -> None:
     probe.close()
 
 
-def test_without_deferral_the_ack_is_sent_at_start(broker: AMQPBroker) -> None:
-    broker.defer_early_acks = False
+def test_without_deferral_the_ack_is_sent_at_start() -> None:
+    broker = brokers.connect(amqp_support.url(query="defer_early_acks=false"))
+    assert isinstance(broker, AMQPBroker) and broker.defer_early_acks is False
+    try:
+        strict(broker)
+    finally:
+        broker.close()
+
+
+def strict(broker: AMQPBroker) -> None:
     consumer, got = fetch(broker, 1)
     consumer.defer_started = True
     consumer.started(got[0], requeue_if_lost=False)
