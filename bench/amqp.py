@@ -139,7 +139,7 @@ def drain(worker: WorkerProc, counter: Counter, n: int, timeout: float) -> dict[
             "worker_us_per_task": worker_cpu / n * 1e6}
 
 
-def round_trips(task: Any, count: int) -> dict[str, float]:
+def round_trips(task: Any, count: int, key: str = "rt") -> dict[str, float]:
     for _ in range(min(50, count)):
         task.delay().get(timeout=10)
     lat = []
@@ -147,7 +147,28 @@ def round_trips(task: Any, count: int) -> dict[str, float]:
         t = time.perf_counter()
         task.delay().get(timeout=10)
         lat.append((time.perf_counter() - t) * 1000)
-    return {"rt_p50_ms": percentile(lat, 0.5), "rt_p99_ms": percentile(lat, 0.99)}
+    return {f"{key}_p50_ms": percentile(lat, 0.5), f"{key}_p99_ms": percentile(lat, 0.99)}
+
+
+def confirm_floor(counter: Counter, count: int) -> dict[str, float]:
+    """What one confirmed publish costs with no worker involved: RabbitMQ's confirm
+    latency for a persistent message in a durable queue (a ``delay()`` waits for it), and
+    for a transient one. A message the size of a task's; one at a time, as ``delay()``."""
+    ch = counter.conn.channel()
+    ch.confirm_select()
+    ch.queue_declare("bench-floor", durable=True)
+    out = {}
+    for mode, key in ((2, "floor_persistent_ms"), (1, "floor_transient_ms")):
+        lat = []
+        for _ in range(count):
+            frame = ch.f_publish("", "bench-floor", b"x" * 600, {"delivery_mode": mode})
+            t = time.perf_counter()
+            ch.publish_confirmed([frame], 1)
+            lat.append((time.perf_counter() - t) * 1000)
+        out[key] = percentile(lat, 0.5)
+    ch.queue_delete("bench-floor")
+    ch.close()
+    return out
 
 
 def new_vhost() -> str:
@@ -166,6 +187,14 @@ def run_worker(name: str, cmd: list[str], env: dict[str, str], tmp: Path, counte
         out: dict[str, Any] = drain(worker, counter, args.tasks, args.timeout)
         log(f"{name}: round trips", args.json)
         out.update(round_trips(task, args.round_trips))
+        if name == "celeriac":
+            # The same without publisher confirms: what the worker and the result take.
+            task.app.broker.confirm_publish = False
+            try:
+                out.update(round_trips(task, args.round_trips, "rt_unconfirmed"))
+            finally:
+                task.app.broker.confirm_publish = True
+            out.update(confirm_floor(counter, args.round_trips))
         return out
     finally:
         worker.stop()
@@ -291,6 +320,10 @@ def main() -> None:
             ratio = f"{(theirs / mine if lower_is_better else mine / theirs):.2f}x"
         print(f"  {label:<36}{mine:>10.1f}{theirs:>10.1f}{ratio:>8}")
     print(f"  celeriac enqueue without confirms: {c['enqueue_no_confirms_per_s']:.0f}/s")
+    print(f"  celeriac delay().get() p50 without confirms: {c['rt_unconfirmed_p50_ms']:.2f} ms")
+    print(f"  RabbitMQ alone, one confirmed publish p50: persistent "
+          f"{c['floor_persistent_ms']:.2f} ms, transient {c['floor_transient_ms']:.2f} ms "
+          "(a delay() with confirms cannot return sooner)")
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
