@@ -429,55 +429,39 @@ def _shortstr_value(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _compile_properties_decoder(flags: int) -> Callable[[bytes, int], dict[str, Any]]:
-    """A decoder for the properties of one flag word: straight-line code, no loop.
-
-    The properties a flag word announces, and so the code that reads them, are fixed;
-    a publisher sends the same flag word every time. Generated from ``_PROPS`` (the only
-    input: the names are this module's own) and compiled once per flag word seen.
-    """
-    body = ["    text = buf.decode('latin-1')"]
-    names: list[tuple[str, str]] = []
-    for name, bit, kind in _PROPS:
-        if not flags & bit:
-            continue
-        var = f"v{len(names)}"
-        names.append((name, var))
-        if kind == "s":
-            body += ["    stop = off + 1 + buf[off]",
-                     f"    {var} = text[off + 1:stop]",
-                     f"    if not {var}.isascii():",
-                     f"        {var} = _shortstr_value(buf[off + 1:stop])",
-                     "    off = stop"]
-        elif kind == "F":
-            body += ["    stop = off + 4 + _u32(buf, off)[0]",
-                     f"    {var} = _table(buf, text, off + 4, stop) if stop > off + 4 else {{}}",
-                     "    off = stop"]
-        elif kind == "o":
-            body += [f"    {var} = buf[off]", "    off += 1"]
-        else:  # T: timestamp
-            body += [f"    {var} = _u64(buf, off)[0]", "    off += 8"]
-    items = ", ".join(f"{name!r}: {var}" for name, var in names)
-    source = "def decode(buf, off):\n" + "\n".join(body) + f"\n    return {{{items}}}\n"
-    namespace: dict[str, Any] = {"_u32": _u32, "_u64": _u64, "_table": _table,
-                                 "_shortstr_value": _shortstr_value}
-    exec(compile(source, f"<amqp properties decoder {flags:#06x}>", "exec"), namespace)
-    decoder: Callable[[bytes, int], dict[str, Any]] = namespace["decode"]
-    return decoder
-
-
-# flag word -> its decoder (bit 0, "more flags", is never set for basic properties)
-_PROPERTY_DECODERS: dict[int, Callable[[bytes, int], dict[str, Any]]] = {}
+# flag word -> the (name, kind) of each property it announces, in wire order (a publisher
+# sends the same flag word every time; bit 0, "more flags", is never set for basic.*)
+_PROPERTY_LAYOUTS: dict[int, tuple[tuple[str, str], ...]] = {}
 
 
 def decode_properties(buf: bytes, off: int) -> dict[str, Any]:
     (flags,) = _u16(buf, off)
     if not flags:
         return {}
-    decoder = _PROPERTY_DECODERS.get(flags)
-    if decoder is None:
-        decoder = _PROPERTY_DECODERS[flags] = _compile_properties_decoder(flags)
-    return decoder(buf, off + 2)
+    layout = _PROPERTY_LAYOUTS.get(flags)
+    if layout is None:
+        layout = _PROPERTY_LAYOUTS[flags] = tuple(
+            (name, kind) for name, bit, kind in _PROPS if flags & bit)
+    off += 2
+    text = buf.decode("latin-1")  # same offsets; see the field-table decoders above
+    props: dict[str, Any] = {}
+    for name, kind in layout:
+        if kind == "s":
+            stop = off + 1 + buf[off]
+            value = text[off + 1:stop]
+            props[name] = value if value.isascii() else _shortstr_value(buf[off + 1:stop])
+            off = stop
+        elif kind == "F":
+            stop = off + 4 + _u32(buf, off)[0]
+            props[name] = _table(buf, text, off + 4, stop) if stop > off + 4 else {}
+            off = stop
+        elif kind == "o":
+            props[name] = buf[off]
+            off += 1
+        else:  # T: timestamp
+            props[name] = _u64(buf, off)[0]
+            off += 8
+    return props
 
 
 # -- parameters ---------------------------------------------------------------------------------
