@@ -167,10 +167,13 @@ def _burst(app: amqp_app.Celery, log: Path, release: Path) -> tuple[Any, list[An
     return gate, quick
 
 
+KEEP = {"CELERIAC_TEST_KEEP_PREFETCHED": "1"}  # worker_prefetch_release_after = 0
+
+
 def test_revoking_a_task_held_in_the_read_ahead(app: amqp_app.Celery,
                                                 start_worker: StartWorker,
                                                 tmp_path: Path) -> None:
-    start_ready(start_worker, app, concurrency=1)
+    start_ready(start_worker, app, concurrency=1, env=KEEP)
     log, release = tmp_path / "runs.txt", tmp_path / "release"
     gate, quick = _burst(app, log, release)
     app.control.revoke(quick[50].id)
@@ -188,7 +191,7 @@ def test_revoking_a_task_held_in_the_read_ahead(app: amqp_app.Celery,
 def test_warm_shutdown_gives_back_the_read_ahead(app: amqp_app.Celery,
                                                  start_worker: StartWorker,
                                                  tmp_path: Path) -> None:
-    worker = start_ready(start_worker, app, concurrency=1)
+    worker = start_ready(start_worker, app, concurrency=1, env=KEEP)
     log, release = tmp_path / "runs.txt", tmp_path / "release"
     gate, quick = _burst(app, log, release)
     # Warm shutdown while the consumer holds the short tasks it read ahead: the gate
@@ -204,3 +207,29 @@ def test_warm_shutdown_gives_back_the_read_ahead(app: amqp_app.Celery,
     runs = [line.split()[1] for line in log.read_text().splitlines()
             if line.startswith("run ")]
     assert sorted(runs) == sorted(f"r{i}" for i in range(100))
+
+
+def test_the_read_ahead_is_given_back_behind_a_long_task(app: amqp_app.Celery,
+                                                        start_worker: StartWorker,
+                                                        tmp_path: Path) -> None:
+    """worker_prefetch_release_after (0.1 s) covers what the consumer read ahead too: the
+    short tasks it holds behind a long one go back, and an idle worker runs them."""
+    start_ready(start_worker, app, concurrency=1)
+    log, release = tmp_path / "runs.txt", tmp_path / "release"
+    gate = amqp_app.progress.delay(str(release))
+    wait_for(lambda: gate.state == "PROGRESS", 20, message="the gate task to run")
+    warm = [amqp_app.noop.delay() for _ in range(200)]
+    gate2 = amqp_app.progress.delay(str(release) + ".2")
+    quick = [amqp_app.record.delay(str(log), f"r{i}") for i in range(100)]
+    release.write_text("go")
+    assert gate.get(timeout=30) == "done"
+    for r in warm:
+        r.get(timeout=30)
+    wait_for(lambda: gate2.state == "PROGRESS", 20, message="the second gate to run")
+    # Its consumer read the short ones ahead and gives them back; a second worker,
+    # idle, runs them all while the gate still runs.
+    start_worker(app, "-c", "1", wait=False)
+    assert [r.get(timeout=30) for r in quick] == [f"r{i}" for i in range(100)]
+    assert gate2.state == "PROGRESS"
+    Path(str(release) + ".2").write_text("go")
+    assert gate2.get(timeout=30) == "done"

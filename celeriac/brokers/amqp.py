@@ -1442,6 +1442,28 @@ class AMQPConsumer(Consumer):
             with contextlib.suppress(ConnectionLost):
                 ch.conn.send(b"".join(ch.f_ack(h.incoming.delivery_tag) for h in pending))
 
+    def give_back_read_ahead(self) -> int:
+        """Requeue the read-ahead (received, not handed out), not counted as a delivery.
+
+        Called from the worker's flusher while a task runs long: the short tasks read
+        ahead for it would otherwise wait behind it. Messages kept until due (ETA within
+        HOLD_WINDOW) stay.
+        """
+        with self._lock:
+            held = [h for h in self._ready if h.gen == self._gen]
+            self._ready.clear()
+            self._ready_sorted = True
+        ch = self._ch
+        if not held or ch is None or not ch.is_open:
+            return 0
+        try:
+            return self._give_back(ch, held)
+        except (ConnectionLost, ChannelClosed) as exc:
+            log.warning("consumer %s: could not give back the read-ahead (%s); the broker "
+                        "requeues it", self.consumer_id, exc)
+            self._lost()
+            return 0
+
     def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:
         held = [h for h in self._pop_live(deliveries) if not h.acked]
         if not held:

@@ -101,6 +101,11 @@ class Consumer(ABC):
     def ack_started(self) -> None:  # noqa: B027 - optional
         """Send the acks ``started`` left for later (called while their tasks run)."""
 
+    def give_back_read_ahead(self) -> int:
+        """Give back messages read ahead of ``fetch`` and not handed out yet (a worker
+        whose task runs long). Default: a consumer that reads nothing ahead has none."""
+        return 0
+
     @abstractmethod
     def close(self) -> None:
         """Stop consuming; deliveries not acked go back to their queues."""

@@ -280,9 +280,10 @@ class ChildWorker:
                 log.exception("Background flush failed")
 
     def _release_if_slow(self, consumer: Consumer) -> None:
-        """Give back the batch's unstarted messages once the task running takes a while."""
+        """Give back the batch's unstarted messages, and what the consumer read ahead,
+        once the task running takes a while."""
         started, after = self._started_at, self.config.release_after
-        if started is None or not self._queued or after <= 0:
+        if started is None or after <= 0:
             return
         wait = started + after - time.monotonic()
         if wait > 0:  # not yet: look again then
@@ -298,8 +299,11 @@ class ChildWorker:
                 self._queued.clear()
             if rest:
                 consumer.reject(rest, requeue=True)
-                log.debug("Gave back %d prefetched message(s) while a task runs long",
-                          len(rest))
+            # And what the consumer read ahead of the batch (AMQP: up to 40 ms' worth of
+            # short tasks), not handed out yet.
+            count = len(rest) + consumer.give_back_read_ahead()
+            if count:
+                log.debug("Gave back %d prefetched message(s) while a task runs long", count)
 
     def _stop_flusher(self) -> None:
         with self._flush_cond:

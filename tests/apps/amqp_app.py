@@ -16,6 +16,9 @@ from celeriac import Celery
 
 app = Celery("tests.apps.amqp_app")
 app.conf.result_backend = os.environ.get("CELERIAC_TEST_RESULT_BACKEND", "rpc://")
+if os.environ.get("CELERIAC_TEST_KEEP_PREFETCHED"):
+    # Tests of what a worker's read-ahead holds: nothing is given back behind long tasks.
+    app.conf.worker_prefetch_release_after = 0
 
 
 def _record(path: str, line: str) -> None:
