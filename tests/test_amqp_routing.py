@@ -25,6 +25,7 @@ from celeriac.brokers.amqp_routing import (
     topic_matches,
     worker_queues,
 )
+from celeriac.brokers.base import Delivery
 from celeriac.exceptions import ImproperlyConfigured
 from celeriac.protocol.message import Message
 from tests.apps import amqp_app, amqp_routing_app, amqp_support
@@ -89,6 +90,55 @@ def test_quorum_queues_by_setting(start_worker: Callable[..., WorkerProcess]) ->
         # default leaking into them changed what they test).
         app.conf.task_default_queue_type = None
         app.close()
+
+
+def test_closing_consumer_gives_back_once_on_a_quorum_queue() -> None:
+    """What a closing consumer read ahead goes back once, on a quorum queue too.
+
+    A quorum queue's channel keeps acks to itself beyond 32 commands in flight until
+    RabbitMQ applied some; the give-back's acks used to follow the republish with nothing
+    after them, so a close often came before they were sent, and RabbitMQ returned the
+    originals next to the copies (263 duplicates in 27 closes of 40 here, about 1 in 4
+    with the two cores busy). 40 closes of a consumer holding ~300 messages each.
+    """
+    url = amqp_support.url()
+    [params] = wire.parse_url(url)
+    conn = wire.Connection(params).connect()
+    ctl = conn.channel()
+    broker = brokers.connect(url + "?queue_type=quorum")
+    n = 300
+    try:
+        for cycle in range(40):
+            queue = f"quorum-close-{cycle}"
+            broker.publish(queue, [Message({"id": str(i)}, {}, b"x") for i in range(n)])
+            consumer = broker.consumer([queue])
+            acked = 0
+            for _ in range(2):  # the first fetch measures the pace, the second reads ahead
+                got = consumer.fetch(2, 5)
+                consumer.ack(got)
+                acked += len(got)
+            # Handed out, not acked (a worker's running and prefetched tasks), and what was
+            # read ahead besides: all given back at the close.
+            held: list[Delivery] = []
+            deadline = time.monotonic() + 30
+            while len(held) < 200 and time.monotonic() < deadline:
+                held += consumer.fetch(200 - len(held), 5)  # (may come in parts)
+            assert len(held) == 200
+            consumer.close()
+
+            def settled(queue: str = queue) -> tuple[int] | None:
+                # No consumer left: RabbitMQ has returned what the closed one still had.
+                _q, count, consumers = ctl.queue_declare(queue, passive=True)
+                return (count,) if consumers == 0 else None
+
+            found = wait_for(settled, 30, message=f"no consumer on {queue}")
+            assert isinstance(found, tuple)
+            assert found[0] == n - acked, (
+                f"close {cycle}: {found[0]} messages in the queue, {n - acked} expected")
+            ctl.queue_delete(queue)
+    finally:
+        broker.close()
+        conn.close()
 
 
 def test_existing_queue_with_other_arguments_is_used_as_it_is() -> None:

@@ -1323,7 +1323,19 @@ class AMQPConsumer(Consumer):
 
     def _requeue(self, ch: Channel, queue: str,
                  items: Sequence[tuple[Incoming, Message, dict[str, Any]]], counted: bool) -> None:
-        """Put messages back in ``queue`` (at its end), then ack the deliveries."""
+        """Put messages back in ``queue`` (at its end), then ack the deliveries.
+
+        The last message is published after the acks of the others: its confirm is their
+        barrier. On a quorum queue (RabbitMQ 3.10, rabbit_fifo_client) a channel with 32
+        commands to the queue in flight keeps further acks to itself until enough are
+        applied; if the connection closes first (a consumer closing after its give-back),
+        the kept acks are dropped and RabbitMQ returns those messages, which then exist
+        twice. A publish sent after the acks is confirmed once the queue has applied what
+        the channel sent before it, and by then the channel has sent what it kept. The
+        last ack follows no barrier, but it is one command sent when the channel has next
+        to nothing in flight, so it is sent at once. Classic queues: the same messages in
+        the same order, at the cost of a second confirm.
+        """
         extra = []
         for inc, _m, ours in items:
             past = int(ours.get(H_COUNT) or 0) + (1 if counted else 0)
@@ -1334,8 +1346,14 @@ class AMQPConsumer(Consumer):
                 if key in ours:
                     headers[key] = ours[key]
             extra.append(headers)
-        self._publish(ch, queue, [m for _, m, _ in items], None, extra)
-        ch.conn.send(b"".join(ch.f_ack(inc.delivery_tag) for inc, _, _ in items))
+        messages = [m for _, m, _ in items]
+        on = ch
+        if len(items) > 1:
+            self._publish(ch, queue, messages[:-1], None, extra[:-1])
+            ch.conn.send(b"".join(ch.f_ack(inc.delivery_tag) for inc, _, _ in items[:-1]))
+            on = self._ch or ch  # (a failed declaration may have replaced the channel)
+        self._publish(on, queue, messages[-1:], None, extra[-1:])
+        ch.conn.send(ch.f_ack(items[-1][0].delivery_tag))
 
     def _repark(self, ch: Channel, queue: str, inc: Incoming, message: Message,
                 ours: dict[str, Any], due: float) -> None:
@@ -1569,9 +1587,8 @@ class AMQPConsumer(Consumer):
             ch = self._ch
             if ch is not None and ch.is_open:
                 # Stop deliveries before giving back (those on their way are absorbed): a
-                # consumer still subscribed is sent more, and on a quorum queue acks sent
-                # just before the connection closes may not be applied, so what it gave
-                # back would come back twice.
+                # consumer still subscribed is sent more. (On quorum queues the give-back's
+                # own acks need a barrier before the connection closes: ``_requeue``.)
                 for tag in list(self._tags):
                     ch.cancel(tag)
             self.recover(None, True)
