@@ -1002,6 +1002,9 @@ class AMQPConsumer(Consumer):
         self._read_ahead_ok: bool | None = None  # no priority queues among ours
         self._pid = os.getpid()
         self._started: list[_Held] = []  # early acks left for ack_started()
+        # basic.cancel frames of the last round, not sent yet: they go with the next write
+        # (at the latest when a task starts), one send fewer between a delivery and its task
+        self._cancel_pending = b""
         _CONSUMERS[consumer_id] = self
 
     # -- connection ------------------------------------------------------------------------------
@@ -1019,6 +1022,7 @@ class AMQPConsumer(Consumer):
         self._ch = ch
         self._qos = -1
         self._gen += 1
+        self._cancel_pending = b""  # (for a channel that is gone)
         for queue in self.queues:
             ch = self.broker._ensure_queue(ch, queue, self._topology)
             self._ch = ch
@@ -1027,6 +1031,7 @@ class AMQPConsumer(Consumer):
     def _lost(self) -> None:
         """The connection is gone: RabbitMQ has put back everything it delivered to us."""
         with self._lock:
+            self._cancel_pending = b""
             self._held.clear()
             self._ready.clear()
             self._waiting.clear()
@@ -1072,6 +1077,7 @@ class AMQPConsumer(Consumer):
 
     def _idle(self, deadline: float) -> None:
         """Wait for a wake-up (``fetch(0, t)``: a threads pool waiting for a free thread)."""
+        self._send_cancel()
         while time.monotonic() < deadline:
             if self._drain_wake():
                 return
@@ -1180,6 +1186,9 @@ class AMQPConsumer(Consumer):
         order = self.queues[self._rotation:] + self.queues[:self._rotation]
         self._rotation = (self._rotation + 1) % len(self.queues)
         frames = []
+        pending = self._take_cancel()
+        if pending:
+            frames.append(pending)
         # Messages kept here until due (a few ms) hold credit too: ask for that much more.
         holding = len(self._waiting)
         target = max_count + self._read_ahead(max_count)
@@ -1259,7 +1268,15 @@ class AMQPConsumer(Consumer):
                 # More came in after it: a barrier after the last one.
                 _received()
             if all(n <= 0 for n in expected.values()) or self._ready_count() >= target:
-                conn.send(b"".join(ch.f_cancel(t, nowait=True) for t in tags))
+                cancel = b"".join(ch.f_cancel(t, nowait=True) for t in tags)
+                if self._ready:
+                    # No reply needed, and the caller settles or starts what it gets next:
+                    # the cancel goes with that write (``_take_cancel``). Deliveries
+                    # meanwhile are stragglers, taken by the next fetch.
+                    with self._lock:
+                        self._cancel_pending += cancel
+                else:
+                    conn.send(cancel)
                 return bool(useful) or bool(self._ready)
             # Interrupted before what was on its way came in (deadline, wake-up): cancel
             # with replies, a barrier, so it is in.
@@ -1279,6 +1296,25 @@ class AMQPConsumer(Consumer):
 
     def _ready_count(self) -> int:
         return len(self._ready)
+
+    def _take_cancel(self) -> bytes:
+        """The last round's cancel frames, if not sent yet (the caller sends them)."""
+        if not self._cancel_pending:
+            return b""
+        with self._lock:
+            data, self._cancel_pending = self._cancel_pending, b""
+        return data
+
+    def _send_cancel(self) -> None:
+        """Send the last round's cancel now: before a message goes back to a queue (or
+        this consumer, still subscribed, would be sent it again) or before waiting."""
+        data = self._take_cancel()
+        ch = self._ch
+        if data and ch is not None and ch.is_open:
+            try:
+                ch.conn.send(data)
+            except ConnectionLost:
+                self._lost()
 
     def _next_due(self) -> float | None:
         return self._waiting[0][0] if self._waiting else None
@@ -1393,9 +1429,10 @@ class AMQPConsumer(Consumer):
             tags = [h.incoming.delivery_tag for h in held]
             top = max(tags)
             if self._unsettled_below(top, set(tags)):
-                ch.conn.send(b"".join(ch.f_ack(t) for t in tags))
+                frames = b"".join(ch.f_ack(t) for t in tags)
             else:
-                ch.conn.send(ch.f_ack(top, multiple=True))  # one frame for the lot
+                frames = ch.f_ack(top, multiple=True)  # one frame for the lot
+            ch.conn.send(self._take_cancel() + frames)
         except ConnectionLost:
             self._lost()
 
@@ -1428,21 +1465,28 @@ class AMQPConsumer(Consumer):
         for the lot, or from ``ack_started`` if the task is still running then. RabbitMQ
         spends ~20 us per ack frame, a fifth of what a whole short task costs it.
         """
-        if requeue_if_lost:
-            return
+        ack_now: _Held | None = None
         with self._lock:
             h = self._held.get(delivery.tag)
-            if h is None or h.acked or h.early or h.gen != self._gen:
-                return
-            h.early = True
-            if self.defer_started and self.broker.defer_early_acks:
-                self._started.append(h)
-                return
-            h.acked = True
+            if (not requeue_if_lost and h is not None and not h.acked and not h.early
+                    and h.gen == self._gen):
+                h.early = True
+                if self.defer_started and self.broker.defer_early_acks:
+                    self._started.append(h)
+                else:
+                    h.acked = True
+                    ack_now = h
+        # The last round's cancel goes now at the latest, so nothing more streams in while
+        # a task runs (with the ack: one write).
+        frames = self._take_cancel()
         ch = self._ch
-        if ch is not None and ch.is_open:
+        if ch is None or not ch.is_open:
+            return
+        if ack_now is not None:
+            frames += ch.f_ack(ack_now.incoming.delivery_tag)
+        if frames:
             with contextlib.suppress(ConnectionLost):
-                ch.conn.send(ch.f_ack(h.incoming.delivery_tag))
+                ch.conn.send(frames)
 
     def ack_started(self) -> None:
         """Send the early acks ``started`` left for later, of tasks still running."""
@@ -1458,7 +1502,8 @@ class AMQPConsumer(Consumer):
         ch = self._ch
         if pending and ch is not None and ch.is_open:
             with contextlib.suppress(ConnectionLost):
-                ch.conn.send(b"".join(ch.f_ack(h.incoming.delivery_tag) for h in pending))
+                ch.conn.send(self._take_cancel()
+                             + b"".join(ch.f_ack(h.incoming.delivery_tag) for h in pending))
 
     def give_back_read_ahead(self) -> int:
         """Requeue the read-ahead (received, not handed out), not counted as a delivery.
@@ -1467,6 +1512,7 @@ class AMQPConsumer(Consumer):
         ahead for it would otherwise wait behind it. Messages kept until due (ETA within
         HOLD_WINDOW) stay.
         """
+        self._send_cancel()
         with self._lock:
             held = [h for h in self._ready if h.gen == self._gen]
             self._ready.clear()
@@ -1483,6 +1529,7 @@ class AMQPConsumer(Consumer):
             return 0
 
     def reject(self, deliveries: Sequence[Delivery], requeue: bool) -> None:
+        self._send_cancel()
         held = [h for h in self._pop_live(deliveries) if not h.acked]
         if not held:
             return
@@ -1544,6 +1591,7 @@ class AMQPConsumer(Consumer):
         return ours
 
     def park(self, delivery: Delivery, not_before: float) -> None:
+        self._send_cancel()
         held = self._pop_live([delivery])
         if not held or held[0].acked:
             return
@@ -1562,6 +1610,7 @@ class AMQPConsumer(Consumer):
 
     def recover(self, running_tag: str | None, requeue_running: bool) -> int:
         """Settle everything this (same-process) consumer holds, as if it had died."""
+        self._send_cancel()
         self._absorb_stragglers()
         with self._lock:
             held = [h for h in self._held.values() if h.gen == self._gen and not h.acked]
@@ -1589,6 +1638,7 @@ class AMQPConsumer(Consumer):
                 # Stop deliveries before giving back (those on their way are absorbed): a
                 # consumer still subscribed is sent more. (On quorum queues the give-back's
                 # own acks need a barrier before the connection closes: ``_requeue``.)
+                self._take_cancel()  # (these tags are among those cancelled here)
                 for tag in list(self._tags):
                     ch.cancel(tag)
             self.recover(None, True)
