@@ -42,7 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-from bench.drain import WorkerProc, percentile  # noqa: E402 (the worker, as drain.py runs it)
+from bench.drain import (  # noqa: E402 (the worker, as drain.py runs it)
+    WorkerProc,
+    compile_sources,
+    percentile,
+)
 from celeriac.brokers import amqp_client as wire  # noqa: E402
 
 HOST, PORT = "127.0.0.1", 5672
@@ -286,6 +290,7 @@ def main() -> None:
     parser.add_argument("--skip-celery", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    compile_sources()
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="celeriac-amqp-bench-"))

@@ -63,6 +63,20 @@ def log(msg: str, quiet: bool) -> None:
         print(f"  .. {msg}", file=sys.stderr, flush=True)
 
 
+def compile_sources() -> None:
+    """Byte-compile celeriac and the bench apps, as ``pip install`` does for a package.
+
+    Celery runs from its installed, compiled files; a checkout installed in editable mode
+    run with PYTHONDONTWRITEBYTECODE set (as on our machines) would otherwise compile every
+    module from source at each start (twice for a worker: the command, then the process
+    it execs), which added ~0.2 s to every worker start-up measured here.
+    """
+    import compileall
+
+    for folder in ("celeriac", "bench"):
+        compileall.compile_dir(str(ROOT / folder), quiet=1)
+
+
 class WorkerProc:
     """A worker started as a user would, in its own session so it can be cleaned up whole."""
 
@@ -685,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                              "redis: both on the same local Redis (broker and results)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    compile_sources()
 
     # SIGTERM/SIGHUP run the same cleanup as Ctrl-C (finally blocks stop workers, remove files).
     def _interrupt(signum: int, frame: Any) -> None:
