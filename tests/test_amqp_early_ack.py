@@ -95,16 +95,35 @@ def test_without_deferral_the_ack_is_sent_at_start() -> None:
         broker.close()
 
 
+def queue_state(broker: AMQPBroker) -> tuple[int, int]:
+    """(messages ready, consumers) of the queue, from a passive declare."""
+    conn = broker.new_connection()
+    try:
+        _name, ready, consumers = conn.channel().queue_declare("q", passive=True)
+        return ready, consumers
+    finally:
+        conn.close()
+
+
 def strict(broker: AMQPBroker) -> None:
     consumer, got = fetch(broker, 1)
     consumer.defer_started = True
     consumer.started(got[0], requeue_if_lost=False)
     die(consumer)
-    # Nothing comes back: a message that came back would be in the queue by the time a
-    # round trip made after the drop returns.
-    probe = broker.consumer(["q"])
-    assert probe.fetch(1, 0.3) == []
-    probe.close()
+    # Once RabbitMQ has seen the connection go (no consumer left), whatever it held is
+    # back in the queue: nothing is.
+    wait_for(lambda: queue_state(broker)[1] == 0, 10, message="the dead consumer to go")
+    assert queue_state(broker) == (0, 0)
+
+
+def test_a_fetch_stays_subscribed_until_its_task_starts(broker: AMQPBroker) -> None:
+    """The fetch's basic.cancel rides with the next write; a task's start sends it."""
+    consumer, [d] = fetch(broker, 1)
+    assert queue_state(broker)[1] == 1  # still subscribed (nothing more to deliver)
+    consumer.started(d, requeue_if_lost=True)  # (acks_late: nothing else to send)
+    wait_for(lambda: queue_state(broker)[1] == 0, 10, message="the subscription to end")
+    consumer.ack([d])
+    consumer.close()
 
 
 def test_an_early_acked_task_is_never_requeued(broker: AMQPBroker) -> None:

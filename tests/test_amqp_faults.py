@@ -72,14 +72,15 @@ def test_killed_child_running_acks_late_task_is_redelivered(start_worker: StartW
         app.close()
 
 
-def unsettled(vhost: str, queue: str) -> int:
-    """Messages in ``queue``, ready or delivered and not acked (rabbitmqctl: ~0.5 s)."""
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages"],
+def ready_and_unacked(vhost: str, queue: str) -> tuple[int, int]:
+    """Messages in ``queue``: ready, and delivered but not acked (rabbitmqctl: ~0.5 s)."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name",
+                          "messages_ready", "messages_unacknowledged"],
                          capture_output=True, text=True, check=True, timeout=60)
     for line in out.stdout.splitlines():
         parts = line.split("\t")
         if parts[0] == queue:
-            return int(parts[1])
+            return int(parts[1]), int(parts[2])
     raise AssertionError(f"no queue {queue!r} in {vhost}: {out.stdout!r}")
 
 
@@ -95,10 +96,13 @@ def test_killed_child_running_early_ack_task_is_not_run_again(start_worker: Star
         # Both queued before the worker starts: its first fetch takes them as one batch.
         amqp_app.record_slow_early.delay(str(log), "victim", 30)
         follower = amqp_app.record.delay(str(log), "follower")
-        worker = start_worker(app, "-c", "1", wait=False)
+        # (Prefetch release off: the follower stays held behind the long victim.)
+        worker = start_worker(app, "-c", "1", wait=False,
+                              env={"CELERIAC_TEST_KEEP_PREFETCHED": "1"})
         wait_for(lambda: starts(log, "victim"), 30, message="the task to start")
-        # The follower, handed out with it, is all that is left unsettled.
-        wait_for(lambda: unsettled(vhost, "celery") == 1, 20, interval=0.2,
+        # The follower, handed out with it (one batch: none ready), is all that is left
+        # unsettled once the victim's deferred early ack went out.
+        wait_for(lambda: ready_and_unacked(vhost, "celery") == (0, 1), 20, interval=0.2,
                  message="the running task's early ack")
         os.kill(int(starts(log, "victim")[0].split()[2]), signal.SIGKILL)
         assert follower.get(timeout=30) == "follower"

@@ -220,7 +220,9 @@ def test_the_read_ahead_is_given_back_behind_a_long_task(app: amqp_app.Celery,
     wait_for(lambda: gate.state == "PROGRESS", 20, message="the gate task to run")
     warm = [amqp_app.noop.delay() for _ in range(200)]
     gate2 = amqp_app.progress.delay(str(release) + ".2")
-    quick = [amqp_app.record.delay(str(log), f"r{i}") for i in range(100)]
+    # More than the consumer's credit (512): some are still on their way when it gives
+    # back, and must be given back too.
+    quick = [amqp_app.record.delay(str(log), f"r{i}") for i in range(600)]
     release.write_text("go")
     assert gate.get(timeout=30) == "done"
     for r in warm:
@@ -229,7 +231,7 @@ def test_the_read_ahead_is_given_back_behind_a_long_task(app: amqp_app.Celery,
     # Its consumer read the short ones ahead and gives them back; a second worker,
     # idle, runs them all while the gate still runs.
     start_worker(app, "-c", "1", wait=False)
-    assert [r.get(timeout=30) for r in quick] == [f"r{i}" for i in range(100)]
+    assert [r.get(timeout=30) for r in quick] == [f"r{i}" for i in range(600)]
     assert gate2.state == "PROGRESS"
     Path(str(release) + ".2").write_text("go")
     assert gate2.get(timeout=30) == "done"

@@ -1005,6 +1005,7 @@ class AMQPConsumer(Consumer):
         # basic.cancel frames of the last round, not sent yet: they go with the next write
         # (at the latest when a task starts), one send fewer between a delivery and its task
         self._cancel_pending = b""
+        self._round_tags: list[str] = []  # the consumer tags of the last round
         _CONSUMERS[consumer_id] = self
 
     # -- connection ------------------------------------------------------------------------------
@@ -1019,10 +1020,11 @@ class AMQPConsumer(Consumer):
             self._topology = Topology()
         ch = self._conn.channel()
         ch.confirm_select()
-        self._ch = ch
-        self._qos = -1
-        self._gen += 1
-        self._cancel_pending = b""  # (for a channel that is gone)
+        with self._lock:  # (a task thread's started() sends under it: never on a stale one)
+            self._ch = ch
+            self._qos = -1
+            self._gen += 1
+            self._cancel_pending = b""  # (for a channel that is gone)
         for queue in self.queues:
             ch = self.broker._ensure_queue(ch, queue, self._topology)
             self._ch = ch
@@ -1035,9 +1037,9 @@ class AMQPConsumer(Consumer):
             self._held.clear()
             self._ready.clear()
             self._waiting.clear()
-        if self._conn is not None:
-            self._conn.abort()
-        self._conn = self._ch = None
+            conn, self._conn, self._ch = self._conn, None, None
+        if conn is not None:
+            conn.abort()
 
     # -- fetching --------------------------------------------------------------------------------
 
@@ -1213,6 +1215,7 @@ class AMQPConsumer(Consumer):
         if len(self._tags) > 64 * len(order):
             self._tags = dict(list(self._tags.items())[-32 * len(order):])
         self._tags.update(tags)
+        self._round_tags = list(tags)
         got: list[Incoming] = list(ch.deliveries)
         ch.deliveries.clear()
         ch.on_delivery = got.append
@@ -1417,24 +1420,25 @@ class AMQPConsumer(Consumer):
         return out
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        held = [h for h in self._pop_live(deliveries) if not h.acked]
-        if self._started and not any(h.early for h in self._held.values()):
-            self._started.clear()  # (all settled: nothing left for ack_started)
-        if not held:
-            return
-        ch = self._ch
-        if ch is None or not ch.is_open:
-            return  # the connection went: they are back in their queues
-        try:
-            tags = [h.incoming.delivery_tag for h in held]
-            top = max(tags)
-            if self._unsettled_below(top, set(tags)):
-                frames = b"".join(ch.f_ack(t) for t in tags)
-            else:
-                frames = ch.f_ack(top, multiple=True)  # one frame for the lot
-            ch.conn.send(self._take_cancel() + frames)
-        except ConnectionLost:
-            self._lost()
+        # Decided and sent under the lock: a task thread's started() may ack a lower tag
+        # meanwhile, and a multiple ack sent before it would make that one unknown.
+        with self._lock:
+            held = [h for h in self._pop_live(deliveries) if not h.acked]
+            if self._started and not any(h.early and not h.acked for h in self._held.values()):
+                self._started.clear()  # (all settled: nothing left for ack_started)
+            ch = self._ch
+            if not held or ch is None or not ch.is_open:
+                return  # (a lost connection: they are back in their queues)
+            try:
+                tags = [h.incoming.delivery_tag for h in held]
+                top = max(tags)
+                if self._unsettled_below(top, set(tags)):
+                    frames = b"".join(ch.f_ack(t) for t in tags)
+                else:
+                    frames = ch.f_ack(top, multiple=True)  # one frame for the lot
+                ch.conn.send(self._take_cancel() + frames)
+            except ConnectionLost:
+                self._lost()
 
     def _unsettled_below(self, top: int, acking: set[int]) -> bool:
         """Whether a delivery on this channel other than ``acking``, with a tag below
@@ -1457,36 +1461,34 @@ class AMQPConsumer(Consumer):
                 return first.incoming.delivery_tag < top and first.gen == gen
             return any(h.incoming.delivery_tag < top and h.gen == gen for h in ready)
 
-    def started(self, delivery: Delivery, requeue_if_lost: bool) -> None:
+    def started(self, delivery: Delivery, requeue_if_lost: bool, ack_now: bool = False) -> None:
         """The task starts: ack it unless it must come back if this process dies.
 
         With ``defer_started`` (a worker whose flusher calls ``ack_started`` while a task
-        runs), the ack is not sent here: it goes with the batch's other acks, one frame
-        for the lot, or from ``ack_started`` if the task is still running then. RabbitMQ
-        spends ~20 us per ack frame, a fifth of what a whole short task costs it.
+        runs), the ack is not sent here unless ``ack_now``: it goes with the batch's other
+        acks, one frame for the lot, or from ``ack_started`` if the task is still running
+        then. RabbitMQ spends ~20 us per ack frame, a fifth of what a whole short task
+        costs it.
         """
-        ack_now: _Held | None = None
-        with self._lock:
+        with self._lock:  # (decided and sent as one: see ack())
+            ch = self._ch
+            if ch is None or not ch.is_open:
+                return
+            # The last round's cancel goes now at the latest, so nothing more streams in
+            # while a task runs (with the ack: one write).
+            frames = self._take_cancel()
             h = self._held.get(delivery.tag)
             if (not requeue_if_lost and h is not None and not h.acked and not h.early
                     and h.gen == self._gen):
                 h.early = True
-                if self.defer_started and self.broker.defer_early_acks:
+                if self.defer_started and self.broker.defer_early_acks and not ack_now:
                     self._started.append(h)
                 else:
                     h.acked = True
-                    ack_now = h
-        # The last round's cancel goes now at the latest, so nothing more streams in while
-        # a task runs (with the ack: one write).
-        frames = self._take_cancel()
-        ch = self._ch
-        if ch is None or not ch.is_open:
-            return
-        if ack_now is not None:
-            frames += ch.f_ack(ack_now.incoming.delivery_tag)
-        if frames:
-            with contextlib.suppress(ConnectionLost):
-                ch.conn.send(frames)
+                    frames += ch.f_ack(h.incoming.delivery_tag)
+            if frames:
+                with contextlib.suppress(ConnectionLost):
+                    ch.conn.send(frames)
 
     def ack_started(self) -> None:
         """Send the early acks ``started`` left for later, of tasks still running."""
@@ -1497,10 +1499,11 @@ class AMQPConsumer(Consumer):
                        if not h.acked and h.gen == self._gen
                        and self._held.get(f"{h.gen}:{h.incoming.delivery_tag}") is h]
             self._started.clear()
+            ch = self._ch
+            if not pending or ch is None or not ch.is_open:
+                return
             for h in pending:
                 h.acked = True
-        ch = self._ch
-        if pending and ch is not None and ch.is_open:
             with contextlib.suppress(ConnectionLost):
                 ch.conn.send(self._take_cancel()
                              + b"".join(ch.f_ack(h.incoming.delivery_tag) for h in pending))
@@ -1512,15 +1515,23 @@ class AMQPConsumer(Consumer):
         ahead for it would otherwise wait behind it. Messages kept until due (ETA within
         HOLD_WINDOW) stay.
         """
-        self._send_cancel()
-        with self._lock:
-            held = [h for h in self._ready if h.gen == self._gen]
-            self._ready.clear()
-            self._ready_sorted = True
         ch = self._ch
-        if not held or ch is None or not ch.is_open:
+        if ch is None or not ch.is_open:
             return 0
         try:
+            # The last round's subscriptions cancelled with replies: after a cancel-ok no
+            # more deliveries come for it, so what was still on its way is in now.
+            self._take_cancel()
+            for tag in self._round_tags:
+                ch.cancel(tag)
+            self._absorb_stragglers()
+            with self._lock:
+                held = [h for h in self._ready if h.gen == self._gen]
+                self._ready.clear()
+                self._ready_sorted = True
+            ch = self._ch
+            if not held or ch is None or not ch.is_open:
+                return 0
             return self._give_back(ch, held)
         except (ConnectionLost, ChannelClosed) as exc:
             log.warning("consumer %s: could not give back the read-ahead (%s); the broker "

@@ -90,12 +90,13 @@ class Consumer(ABC):
     # ``started`` may then leave its ack for later.
     defer_started: bool = False
 
-    def started(self, delivery: Delivery, requeue_if_lost: bool) -> None:  # noqa: B027
+    def started(self, delivery: Delivery, requeue_if_lost: bool,  # noqa: B027
+                ack_now: bool = False) -> None:
         """The delivery's task starts now (called from the thread that runs it).
 
         Brokers whose server takes back everything a dead consumer's connection held
         (AMQP) ack here a message that must not run again if this process dies (with
-        ``defer_started``: by the next ``ack``/``ack_started``).
+        ``defer_started``: by the next ``ack``/``ack_started``, unless ``ack_now``).
         """
 
     def ack_started(self) -> None:  # noqa: B027 - optional

@@ -233,8 +233,15 @@ class ChildWorker:
 
     def _arm_flusher(self, consumer: Consumer, backend: Any) -> None:
         with self._flush_cond:
-            if self._flush_at is not None or not (
-                    self._done or self._queued or consumer.defer_started):
+            if self._flush_at is not None:
+                # Armed for later (the prefetch release): an early ack left for the
+                # flusher must not wait past FLUSH_AFTER.
+                soon = time.monotonic() + FLUSH_AFTER
+                if consumer.defer_started and self._flush_at > soon:
+                    self._flush_at = soon
+                    self._flush_cond.notify()
+                return
+            if not (self._done or self._queued or consumer.defer_started):
                 return
             self._armed_at = now = time.monotonic()
             self._flush_at = now + FLUSH_AFTER
@@ -272,9 +279,12 @@ class ChildWorker:
                 if self._flusher_stop:
                     return
             try:
-                self._flush(consumer, backend)
                 with self._settle_lock:
                     consumer.ack_started()  # the running task's early ack, if left for later
+            except Exception:
+                log.exception("Could not send early acks")
+            try:
+                self._flush(consumer, backend)
                 self._release_if_slow(consumer)
             except Exception:  # the loop flushes again after the task; it will report
                 log.exception("Background flush failed")
@@ -294,6 +304,8 @@ class ChildWorker:
         # The settle lock first, and held while rejecting: the loop cannot get past its
         # _flush() to the next fetch meanwhile (one thread on the consumer at a time).
         with self._settle_lock:
+            if self._started_at != started:
+                return  # that task ended meanwhile: the loop may be fetching now
             with self._done_lock:
                 rest = list(self._queued)
                 self._queued.clear()

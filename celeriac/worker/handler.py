@@ -76,7 +76,7 @@ class MessageHandler:
         self.rate_divisor = 1
         # Told when a task starts (consumer.started): brokers whose server requeues all a
         # dead connection held (AMQP) ack there what must not run again after a crash.
-        self.on_start: Callable[[Delivery, bool], None] | None = None
+        self.on_start: Callable[[Delivery, bool, bool], None] | None = None
 
     # -- failures that never reach the task -------------------------------------------------
 
@@ -190,7 +190,9 @@ class MessageHandler:
             flags = (ACKS_LATE if acks_late else 0) | (REJECT_ON_WORKER_LOST if reject_lost else 0)
             slots.start(index, req.id, delivery.tag, req.name, flags, hard)
         if self.on_start is not None:
-            self.on_start(delivery, acks_late)
+            # With a hard time limit, an early ack goes at once: the supervisor may kill
+            # the child before its flusher ran (a task holding the GIL starves it).
+            self.on_start(delivery, acks_late, hard is not None)
         track = self.track_started if task.track_started is None else task.track_started
         if track:
             self.app.backend.store([build_meta(
