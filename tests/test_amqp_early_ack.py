@@ -57,6 +57,17 @@ def back_in_queue(broker: AMQPBroker, n: int) -> None:
     wait_for(lambda: broker.queue_size("q") == n, 10, message=f"{n} message(s) in the queue")
 
 
+def the_one_left(broker: AMQPBroker) -> Delivery:
+    """Fetch (and ack) the one message the queue holds, with a fresh consumer."""
+    probe = broker.consumer(["q"])
+    try:
+        [d] = probe.fetch(5, 2.0)
+        probe.ack([d])
+        return d
+    finally:
+        probe.close()
+
+
 def test_deferred_early_acks_go_with_the_batch_acks(broker: AMQPBroker) -> None:
     consumer, got = fetch(broker, 3)
     consumer.defer_started = True
@@ -65,11 +76,8 @@ def test_deferred_early_acks_go_with_the_batch_acks(broker: AMQPBroker) -> None:
     consumer.ack(got[:2])  # two finished; their early acks and these are one and the same
     die(consumer)
     back_in_queue(broker, 1)  # the third was running: its ack was still to come
-    probe = broker.consumer(["q"])
-    [d] = probe.fetch(5, 2.0)
+    d = the_one_left(broker)
     assert d.message.body == b"2"
-    probe.ack([d])
-    probe.close()
 
 
 def test_ack_started_acks_the_running_task(broker: AMQPBroker) -> None:
@@ -79,11 +87,8 @@ def test_ack_started_acks_the_running_task(broker: AMQPBroker) -> None:
     consumer.ack_started()  # the flusher: the task has run a while
     die(consumer)
     back_in_queue(broker, 1)  # only the one that had not started
-    probe = broker.consumer(["q"])
-    [d] = probe.fetch(5, 2.0)
+    d = the_one_left(broker)
     assert d.message.body == b"1"
-    probe.ack([d])
-    probe.close()
 
 
 def test_without_deferral_the_ack_is_sent_at_start() -> None:
@@ -133,11 +138,8 @@ def test_an_early_acked_task_is_never_requeued(broker: AMQPBroker) -> None:
     consumer.reject(got, requeue=True)  # e.g. a warm shutdown gives back the batch
     consumer.close()
     back_in_queue(broker, 1)
-    probe = broker.consumer(["q"])
-    [d] = probe.fetch(5, 2.0)
+    d = the_one_left(broker)
     assert d.message.body == b"1"  # the started one was acked, not given back
-    probe.ack([d])
-    probe.close()
 
 
 def test_a_deferred_ack_lost_with_its_process_is_a_counted_redelivery(
@@ -150,8 +152,5 @@ def test_a_deferred_ack_lost_with_its_process_is_a_counted_redelivery(
     consumer.started(got[0], requeue_if_lost=False)
     die(consumer)
     back_in_queue(broker, 1)
-    probe = broker.consumer(["q"])
-    [d] = probe.fetch(1, 2.0)
+    d = the_one_left(broker)
     assert d.delivery_count == 2
-    probe.ack([d])
-    probe.close()
