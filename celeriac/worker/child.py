@@ -168,8 +168,8 @@ class ChildWorker:
                     backend: Any) -> None:
         # Tasks run on this thread and the flusher watches them: in a batch, an early ack
         # may wait for the batch's acks (one frame), or for the flusher if its task takes
-        # a while. A lone task's goes at its start: on RabbitMQ the publisher's confirm
-        # waits for it (a persistent message acked at once needs no fsync).
+        # a while. A lone task's goes at its start: one frame either way, and then the
+        # early ack keeps Celery's exact meaning.
         consumer.defer_started = len(batch) > 1
         with self._done_lock:
             self._queued.extend(batch)
