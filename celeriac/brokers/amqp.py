@@ -1001,7 +1001,6 @@ class AMQPConsumer(Consumer):
         self._handed: tuple[float, int] | None = None  # (when, how many) the last fetch gave
         self._read_ahead_ok: bool | None = None  # no priority queues among ours
         self._pid = os.getpid()
-        self._started: list[_Held] = []  # early acks left for ack_started()
         # basic.cancel frames of the last round, not sent yet: they go with the next write
         # (at the latest when a task starts), one send fewer between a delivery and its task
         self._cancel_pending = b""
@@ -1424,8 +1423,6 @@ class AMQPConsumer(Consumer):
         # meanwhile, and a multiple ack sent before it would make that one unknown.
         with self._lock:
             held = [h for h in self._pop_live(deliveries) if not h.acked]
-            if self._started and not any(h.early and not h.acked for h in self._held.values()):
-                self._started.clear()  # (all settled: nothing left for ack_started)
             ch = self._ch
             if not held or ch is None or not ch.is_open:
                 return  # (a lost connection: they are back in their queues)
@@ -1481,24 +1478,20 @@ class AMQPConsumer(Consumer):
             if (not requeue_if_lost and h is not None and not h.acked and not h.early
                     and h.gen == self._gen):
                 h.early = True
-                if self.defer_started and self.broker.defer_early_acks and not ack_now:
-                    self._started.append(h)
-                else:
+                if not (self.defer_started and self.broker.defer_early_acks) or ack_now:
                     h.acked = True
                     frames += ch.f_ack(h.incoming.delivery_tag)
+                # (else: early, not acked yet; ack() or ack_started() sends it)
             if frames:
                 with contextlib.suppress(ConnectionLost):
                     ch.conn.send(frames)
 
     def ack_started(self) -> None:
         """Send the early acks ``started`` left for later, of tasks still running."""
-        if not self._started:
-            return
         with self._lock:
-            pending = [h for h in self._started
-                       if not h.acked and h.gen == self._gen
-                       and self._held.get(f"{h.gen}:{h.incoming.delivery_tag}") is h]
-            self._started.clear()
+            # Held (handed out, not settled), started early, ack not sent: the running task.
+            pending = [h for h in self._held.values()
+                       if h.early and not h.acked and h.gen == self._gen]
             ch = self._ch
             if not pending or ch is None or not ch.is_open:
                 return
@@ -1573,7 +1566,6 @@ class AMQPConsumer(Consumer):
     def _give_back(self, ch: Channel, held: Sequence[_Held], running: str | None = None,
                    requeue_running: bool = True) -> int:
         """Requeue held messages in order, grouped by queue (``running`` counts)."""
-        held = self._ack_early(ch, held)
         count = 0
         by_queue: dict[str, list[_Held]] = {}
         for h in held:
@@ -1633,7 +1625,7 @@ class AMQPConsumer(Consumer):
         ch = self._ch
         if not held or ch is None or not ch.is_open:
             return 0
-        return self._give_back(ch, held, running_tag, requeue_running)
+        return self._give_back(ch, self._ack_early(ch, held), running_tag, requeue_running)
 
     def wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -1778,8 +1770,7 @@ class AMQPSubscriber(Subscriber):
             ch = self._ch
             if self._kicked is not None or ch is None or not ch.is_open or ch.conn.closed:
                 return
-            self._kicked = time.monotonic()
-            ch.conn.send(ch.f_queue_declare(self._queue, passive=True))
+            self._send_barrier(ch)
         except AMQPError:
             self._kicked = None
             self._ch = None  # poll() reconnects
@@ -1789,6 +1780,11 @@ class AMQPSubscriber(Subscriber):
     def poll(self) -> list[dict[str, Any]]:
         with self._sync_lock:
             return self._poll()
+
+    def _send_barrier(self, ch: Channel) -> None:
+        """A barrier (passive declare of our queue) not waited for: a later poll reads it."""
+        self._kicked = time.monotonic()
+        ch.conn.send(ch.f_queue_declare(self._queue, passive=True))
 
     def _barrier(self, ch: Channel) -> None:
         """A round trip through our queue: whatever it had is delivered before the reply.
@@ -1808,8 +1804,7 @@ class AMQPSubscriber(Subscriber):
                 if self._kicked is None and age >= REVOKE_FRESH / 4:
                     # The next barrier goes out now and its reply is read by a later poll:
                     # a worker taking batch after batch from its read-ahead never waits.
-                    self._kicked = time.monotonic()
-                    ch.conn.send(ch.f_queue_declare(self._queue, passive=True))
+                    self._send_barrier(ch)
                 return
             if self._kicked is not None and self._kicked >= receipt:
                 ch._expect([wire.QUEUE_DECLARE_OK])  # that one covers them: its reply

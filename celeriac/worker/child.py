@@ -236,10 +236,11 @@ class ChildWorker:
             if self._flush_at is not None:
                 # Armed for later (the prefetch release): an early ack left for the
                 # flusher must not wait past FLUSH_AFTER.
-                soon = time.monotonic() + FLUSH_AFTER
-                if consumer.defer_started and self._flush_at > soon:
-                    self._flush_at = soon
-                    self._flush_cond.notify()
+                if consumer.defer_started:
+                    soon = time.monotonic() + FLUSH_AFTER
+                    if self._flush_at > soon:
+                        self._flush_at = soon
+                        self._flush_cond.notify()
                 return
             if not (self._done or self._queued or consumer.defer_started):
                 return
