@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -74,14 +73,12 @@ def test_killed_child_running_acks_late_task_is_redelivered(start_worker: StartW
 
 def ready_and_unacked(vhost: str, queue: str) -> tuple[int, int]:
     """Messages in ``queue``: ready, and delivered but not acked (rabbitmqctl: ~0.5 s)."""
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name",
-                          "messages_ready", "messages_unacknowledged"],
-                         capture_output=True, text=True, check=True, timeout=60)
-    for line in out.stdout.splitlines():
-        parts = line.split("\t")
-        if parts[0] == queue:
-            return int(parts[1]), int(parts[2])
-    raise AssertionError(f"no queue {queue!r} in {vhost}: {out.stdout!r}")
+    rows = amqp_support.rabbitmqctl_rows("list_queues", "-p", vhost, "name", "messages_ready",
+                                         "messages_unacknowledged")
+    for row in rows:
+        if row[0] == queue:
+            return int(row[1]), int(row[2])
+    raise AssertionError(f"no queue {queue!r} in {vhost}: {rows!r}")
 
 
 def test_killed_child_running_early_ack_task_is_not_run_again(start_worker: StartWorker,

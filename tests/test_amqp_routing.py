@@ -8,7 +8,6 @@ reads its routing settings from the environment)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,10 +33,7 @@ from tests.conftest import WorkerProcess, bind_app, wait_for
 StartWorker = Callable[..., WorkerProcess]
 
 
-def rabbitmqctl(*args: str) -> list[list[str]]:
-    out = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
-                         check=True)
-    return [line.split("\t") for line in out.stdout.splitlines()[1:]]
+rabbitmqctl = amqp_support.rabbitmqctl_rows
 
 
 def test_task_queues_declare_exchanges_bindings_and_priorities(

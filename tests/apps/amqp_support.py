@@ -40,6 +40,14 @@ def rabbitmqctl_eval(code: str, timeout: float = 60) -> str:
     return out.stdout.strip()
 
 
+def rabbitmqctl_rows(*args: str) -> list[list[str]]:
+    """``rabbitmqctl -q ARGS`` (a ``list_*`` command): its rows, split on tabs, without
+    the header line. About 0.5 s per call."""
+    out = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                         check=True, timeout=60)
+    return [line.split("\t") for line in out.stdout.splitlines()[1:]]
+
+
 def check_server() -> None:
     try:
         socket.create_connection((HOST, PORT), timeout=2).close()

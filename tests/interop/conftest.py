@@ -135,9 +135,9 @@ def celery_worker(interop: Interop, tmp_path: Path) -> Iterator[Callable[..., Ce
 
 def pidbox_listeners(vhost: str) -> int:
     """Queues bound to Celery's ``celery.pidbox`` exchange (who hears a revoke)."""
-    out = subprocess.run(["rabbitmqctl", "-q", "list_bindings", "-p", vhost, "source_name",
-                          "destination_name"], capture_output=True, text=True, check=True)
-    return sum(1 for line in out.stdout.splitlines() if line.split("\t")[0] == "celery.pidbox")
+    rows = amqp_support.rabbitmqctl_rows("list_bindings", "-p", vhost, "source_name",
+                                         "destination_name")
+    return sum(1 for row in rows if row[0] == "celery.pidbox")
 
 
 def _redis_pidbox_listeners(interop: Interop) -> int:
